@@ -1,0 +1,503 @@
+"""∇-Reasoner: LLM reasoning by test-time gradient descent on token logits, in one file.
+
+Paper: P. Wang, R. Cai, Z. Wang, H. Mei, Q. Liu, P. Li, Z. Wang. "∇-Reasoner: LLM Reasoning via
+Test-Time Gradient Descent in Latent Space", ICLR 2026, https://arxiv.org/abs/2603.04948
+
+Instead of sampling many answers and keeping the best (best-of-N, self-consistency, tree search),
+∇-Reasoner revises one draft token by token: it takes the gradient of a reward model's score and
+of the LLM's own likelihood with respect to the draft's tokens, runs a few steps of gradient descent
+on the logits of the first uncertain token, redraws that token, and keeps the revision only if the
+reward model prefers the draft that follows from it.
+
+The file reads top to bottom in the order of the paper:
+
+  NablaConfig               the paper's MATH-500 settings
+  straight_through_onehot   Differentiable Textual Optimization (DTO): hard one-hot forward, softmax backward
+  align_vocab               a reward model with another tokenizer, aligned to the LLM by token string
+  chat_prompt_ids, reward_template, score
+                            the prompt in each model's chat template; r(x, y) for a whole response
+  Prefix, ahead_loss_and_grads
+                            the DTO loss  L = -λ r(x, y_<t ⊕ ŷ) - c Σ_s log π(ŷ_s | x, y_<t, ŷ_<s)
+                            over the ahead span, run on KV caches of the fixed prefix
+  onehot_grads              ∂L/∂ŷ_s: the gradient with respect to each ahead token's one-hot
+  select_position           token selection: skip confident tokens and tokens with small gradients
+  dto                       DTO itself: Adam with cosine decay on one position, with gradient caching
+  sample_top_p, accept      redraw the optimized token; rejection sampling by the reward model
+  NablaReasoner.generate    the decoding loop: draft, select, optimize, redraw, roll out, accept
+
+Where this file goes beyond the authors' release (VITA-Group/Nabla-Reasoner):
+  * both drafts in the acceptance test are scored as the same thing (prompt in the reward model's chat
+    template + the whole response), so the returned draft never scores below the first one;
+  * a DTO step runs both models over the ahead span only, on KV caches of the prompt and committed
+    tokens, and computes vocabulary logits only for the ahead span;
+  * one position is a parameter (not an [ahead x vocab] tensor), kept in fp32 even for bf16 models;
+  * the gradient computed for token selection is reused as DTO's first gradient;
+  * rollouts run in-process with `generate`, on the same KV cache.
+"""
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, GenerationConfig
+
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (key, value) per layer, [1, heads, positions, dim]
+
+
+@dataclass
+class NablaConfig:
+    """Settings of the paper's MATH-500 runs. AIME uses max_new_tokens=3072 and grad_norm_threshold=8."""
+    max_new_tokens: int = 1024              # length limit of the response, in LM tokens
+    max_rollouts: int = 8                   # N_max: drafts rolled out per problem, the first one included
+    rollout_temperature: float = 0.6        # sampling temperature of every draft (0: greedy drafts)
+    rollout_top_p: float = 0.95             # nucleus of every draft
+    resample_temperature: float = 0.5       # temperature of the redraw from the optimized logits
+    resample_top_p: float = 0.95            # nucleus of that redraw
+    reward_coeff: float = 1.0               # λ: weight of the reward in the loss
+    likelihood_coeff: float = 1e-3          # c: weight of the LLM log-likelihood in the loss
+    lr: float = 0.01                        # Adam learning rate on the optimized logits (or latents)
+    min_lr_ratio: float = 0.1               # cosine decay from lr to min_lr_ratio * lr, no warm-up
+    dto_iters: int = 20                     # DTO iterations per optimized token (0: redraw from the LLM's logits)
+    confidence_threshold: float = 0.97      # a token whose top probability is above this is committed as drafted
+    grad_norm_threshold: float = 4.0        # so is a token whose ‖∂L/∂one-hot‖₂ is below this
+    entropy_threshold: float | None = None  # optional: so is a token whose entropy (nats) is below this
+    space: str = "logits"                   # "logits": optimize z; "latents": optimize h, with z = W_out h
+    grad_cache: bool = True                 # reuse ∂L/∂one-hot until the argmax token changes (exact)
+    rejection_sampling: bool = True         # keep a revised draft only if the reward model scores it higher
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable Textual Optimization: the straight-through one-hot
+
+
+def straight_through_onehot(z: torch.Tensor) -> torch.Tensor:
+    """One-hot of argmax(z) in the forward pass; the gradient of softmax(z) in the backward pass.
+
+    The models only ever see real tokens, since the forward value is exactly one-hot, yet the gradient
+    says how the loss would change if probability mass moved between tokens. The parentheses matter:
+    `soft - soft.detach()` is exactly zero, so the sum is exactly the one-hot.
+    """
+    soft = z.softmax(-1)
+    hard = F.one_hot(z.argmax(-1), z.shape[-1]).to(soft.dtype)
+    return hard + (soft - soft.detach())
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, tokenizers and chat templates
+
+
+def align_vocab(lm_tokenizer, rm_tokenizer, lm_vocab_rows: int, min_overlap: float = 0.9) -> torch.Tensor:
+    """For each LM token id, the reward model's id of the same token string (-1 where it has none).
+
+    The one-hot of a token lives in the LM's vocabulary; the reward model reads it through this map, so a
+    Qwen3 reward model can score and differentiate a Qwen2.5 policy's tokens.
+    """
+    rm_vocab = rm_tokenizer.get_vocab()
+    lm_tokens = lm_tokenizer.convert_ids_to_tokens(list(range(min(len(lm_tokenizer), lm_vocab_rows))))
+    rm_ids = torch.tensor([rm_vocab.get(t, -1) for t in lm_tokens] + [-1] * (lm_vocab_rows - len(lm_tokens)))
+    overlap = (rm_ids >= 0).sum().item() / max(len(lm_tokens), 1)
+    if overlap < min_overlap:
+        raise ValueError(f"only {overlap:.1%} of the policy's tokens exist in the reward model's vocabulary "
+                         f"(at least {min_overlap:.0%} needed): the two models need the same (or an aligned) tokenizer")
+    return rm_ids
+
+
+def eos_token_ids(lm) -> list[int]:
+    """Every end-of-sequence id of the LM's generation config (Qwen2.5-Instruct has two)."""
+    eos = lm.generation_config.eos_token_id
+    if eos is None:
+        eos = lm.config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _require_chat_template(tokenizer, who: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the {who} tokenizer has no chat template; ∇-Reasoner puts the prompt in the user turn of "
+                         f"the chat template, so set tokenizer.chat_template first")
+
+
+def _check_inputs(tokenizer, prompt: str, who: str) -> None:
+    _require_chat_template(tokenizer, who)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt must be a non-empty string")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS, if any
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt as the user turn of the chat template, followed by the assistant's header."""
+    _check_inputs(tokenizer, prompt, "policy")
+    messages = [{"role": "user", "content": prompt}]
+    return _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def _conversation(rm_tokenizer, prompt: str, response: str) -> str:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return rm_tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def reward_template(rm_tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """The reward model's token ids before and after the response in its chat template.
+
+    The differentiable path splices the response's tokens in between. Splitting the rendered text at a
+    marker works for any template, including ones that add text around the response.
+    """
+    _check_inputs(rm_tokenizer, prompt, "reward model")
+    marker = "\u2063RESPONSE\u2063"
+    text = _conversation(rm_tokenizer, prompt, marker)
+    if text.count(marker) != 1:
+        raise ValueError("the reward model's chat template does not render the assistant response once")
+    before, after = text.split(marker)
+    return _ids(rm_tokenizer, before), _ids(rm_tokenizer, after)
+
+
+@torch.no_grad()
+def score(rm, rm_tokenizer, prompt: str, response: str) -> float:
+    """r(x, y): the reward model's logit for the response, both in the reward model's chat template.
+
+    Every draft, first or revised, is scored by this one function on its whole text, so rewards are
+    comparable (the authors' acceptance test scored the two drafts of a comparison differently).
+    """
+    ids = _ids(rm_tokenizer, _conversation(rm_tokenizer, prompt, response))
+    return rm(input_ids=torch.tensor([ids], device=rm.device)).logits[0, 0].float().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The DTO loss on the ahead span, with the prefix held in KV caches
+
+
+def _cache(kv: KV) -> DynamicCache:
+    """A fresh cache over stored tensors: a forward pass appends to it, the stored prefix stays as it is."""
+    return DynamicCache(kv) if kv else DynamicCache()
+
+
+def _keep(cache: DynamicCache, n: int) -> KV:
+    """The first n positions of a cache, cut off from the autograd graph."""
+    return tuple((k[:, :, :n].detach(), v[:, :, :n].detach()) for k, v, *_ in cache)
+
+
+def _kv_len(kv: KV) -> int:
+    return kv[0][0].shape[2] if kv else 0
+
+
+@dataclass
+class Prefix:
+    """What DTO holds fixed while it optimizes the ahead span: the prompt and the committed tokens.
+
+    Each KV cache covers a leading part of its ids; whatever it does not cover is run again with the
+    ahead span. The LM cache never covers the last id, whose output state predicts the first ahead token.
+    """
+    lm_ids: list[int]      # chat-template prompt + committed response tokens (LM vocabulary)
+    rm_ids: list[int]      # RM chat template up to the response + committed tokens in RM ids (-1: none)
+    rm_suffix: list[int]   # RM chat template after the response
+    lm_kv: KV = ()
+    rm_kv: KV = ()
+
+
+@dataclass
+class AheadGrads:
+    """One full pass of the loss over the ahead span: LM and RM forward, then backward."""
+    loss: float
+    logp: torch.Tensor           # [A, V] fp32: log π(· | x, y_<t, ŷ_<s) at each ahead position s
+    hidden: torch.Tensor         # [A, d]: the LM's last hidden states that give those log-probs (the latents)
+    g_lm: torch.Tensor           # [A, d]: ∂L/∂(LM input embedding of ŷ_s)
+    g_rm: torch.Tensor | None    # [A, d]: ∂L/∂(RM input embedding of ŷ_s), zero where the RM does not see ŷ_s
+    lm_cache: DynamicCache       # the caches after the pass: prefix + everything that was run
+    rm_cache: DynamicCache | None
+
+
+def ahead_loss_and_grads(lm, rm, vocab_map: torch.Tensor | None, prefix: Prefix, ahead: list[int],
+                         cfg: NablaConfig, eos_ids=()) -> AheadGrads:
+    """L = -λ r(x, y_<t ⊕ ŷ) - c Σ_s log π(ŷ_s | x, y_<t, ŷ_<s) and its gradient, for the ahead tokens ŷ.
+
+    Only the ahead span carries gradients, so both models run over it alone, on KV caches of the prefix,
+    and vocabulary logits are computed for the ahead positions only. Input embeddings are looked up
+    and made leaves; onehot_grads turns their gradients into gradients with respect to one-hots.
+    """
+    device, n = lm.device, len(ahead)
+    with torch.enable_grad():
+        k = _kv_len(prefix.lm_kv)
+        ids = torch.tensor(prefix.lm_ids[k:] + ahead, device=device)
+        emb = lm.get_input_embeddings()(ids)[None].detach().requires_grad_()
+        out = lm.base_model(inputs_embeds=emb, past_key_values=_cache(prefix.lm_kv), use_cache=True)
+        hidden = out.last_hidden_state[0, -n - 1:-1]  # the states that predict ŷ_0 .. ŷ_{A-1}
+        logp = lm.get_output_embeddings()(hidden).float().log_softmax(-1)
+        loss = -cfg.likelihood_coeff * logp.gather(-1, ids[-n:, None]).sum()
+        leaves, rm_cache = [emb], None
+        if rm is not None:
+            # The LM's end-of-sequence token is not part of the response: the RM's template closes it.
+            n_rm = n - (ahead[-1] in eos_ids)
+            kr = _kv_len(prefix.rm_kv)
+            rids = torch.cat([torch.tensor(prefix.rm_ids[kr:], dtype=torch.long),
+                              vocab_map[torch.tensor(ahead[:n_rm], dtype=torch.long)].cpu(),
+                              torch.tensor(prefix.rm_suffix, dtype=torch.long)]).to(rm.device)
+            remb = rm.get_input_embeddings()(rids.clamp(min=0)) * (rids >= 0)[:, None]  # tokens it lacks: zero
+            remb = remb[None].detach().requires_grad_()
+            rout = rm(inputs_embeds=remb, past_key_values=_cache(prefix.rm_kv), use_cache=True)
+            loss = loss - cfg.reward_coeff * rout.logits[0, 0].float()
+            leaves.append(remb)
+            rm_cache = rout.past_key_values
+        grads = torch.autograd.grad(loss, leaves)
+    g_rm = None
+    if rm is not None:
+        start = len(prefix.rm_ids) - kr
+        g_rm = grads[1].new_zeros(n, grads[1].shape[-1])  # the RM's width may differ from the LM's
+        g_rm[:n_rm] = grads[1][0, start:start + n_rm]
+    return AheadGrads(loss.item(), logp.detach(), hidden.detach(), grads[0][0, -n:], g_rm,
+                      out.past_key_values, rm_cache)
+
+
+@torch.no_grad()
+def onehot_grads(step: AheadGrads, positions: torch.Tensor, lm, rm, vocab_map: torch.Tensor | None,
+                 cfg: NablaConfig) -> torch.Tensor:
+    """∂L/∂ŷ_s in the LM's vocabulary for the given ahead positions: [len(positions), V], fp32.
+
+    The one-hot ŷ_s enters the loss three ways: through the LM's input embedding (ŷ_s E_lm), through
+    the RM's input embedding (ŷ_s mapped to the RM's vocabulary, times E_rm), and directly through its
+    own likelihood term c ⟨log π(· | ...), ŷ_s⟩. These are the three terms below.
+    """
+    E = lm.get_input_embeddings().weight
+    grad = (step.g_lm[positions] @ E.T).float() - cfg.likelihood_coeff * step.logp[positions]
+    if rm is not None:
+        g_rm = (step.g_rm[positions.to(step.g_rm.device)] @ rm.get_input_embeddings().weight.T).float().to(grad.device)
+        grad = grad + g_rm[:, vocab_map.clamp(min=0)] * (vocab_map >= 0)
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Token selection, DTO, redraw and acceptance
+
+
+def token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats from log-probabilities; a zero probability contributes 0, not NaN (0 · -inf)."""
+    return torch.special.entr(logp.exp()).sum(-1)
+
+
+def select_position(step: AheadGrads, cfg: NablaConfig,
+                    grads_of: Callable[[torch.Tensor], torch.Tensor], chunk: int = 64):
+    """The first ahead position worth optimizing, and its gradient ∂L/∂ŷ_s; (None, None) if there is none.
+
+    A token is optimized only when the LLM is unsure of it (top probability at most the threshold), the
+    loss is sensitive to it (gradient norm at least the threshold) and, optionally, its entropy is high.
+    Confident tokens are committed as drafted: most tokens of a solution are, which is where the savings
+    come from. Gradients are formed for a few candidates at a time, since only the first hit matters.
+    """
+    worth = step.logp.max(-1).values.exp() <= cfg.confidence_threshold
+    if cfg.entropy_threshold is not None:
+        worth &= token_entropy(step.logp) >= cfg.entropy_threshold
+    candidates = worth.nonzero().flatten()
+    for i in range(0, len(candidates), chunk):
+        grads = grads_of(candidates[i:i + chunk])
+        big = (grads.norm(dim=-1) >= cfg.grad_norm_threshold).nonzero().flatten()
+        if len(big):
+            return int(candidates[i + big[0]]), grads[big[0]]
+    return None, None
+
+
+def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaConfig,
+        first: tuple[int, torch.Tensor] | None = None, to_logits: Callable = lambda x: x):
+    """Differentiable Textual Optimization of one position: Adam on z (or h) with cosine decay.
+
+    Gradient caching: the forward pass sees only argmax(z), so ∂L/∂one-hot stays the same until the
+    argmax flips. Meanwhile the step minimizes the linear surrogate <G, ŷ(z)>, whose gradient through
+    the straight-through one-hot equals the true one: exact, not an approximation. `full_grad(token)`
+    runs both models; `first` is a gradient already known (from token selection) for one token.
+
+    Returns the optimized logits, the number of full passes and the number of iterations served by a
+    cached gradient.
+    """
+    x = z0.detach().float().clone().requires_grad_()  # fp32: a bf16 logit of 12 cannot move by 0.01
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    decay = lambda t: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / cfg.dto_iters))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    cached, n_full, n_cached = first, 0, 0
+    for it in range(cfg.dto_iters):
+        with torch.enable_grad():
+            z = to_logits(x)
+            token = int(z.argmax())
+            if cached is None or cached[0] != token or (it > 0 and not cfg.grad_cache):
+                cached, n_full = (token, full_grad(token)), n_full + 1
+            else:
+                n_cached += 1
+            opt.zero_grad()
+            (straight_through_onehot(z) * cached[1]).sum().backward()
+        opt.step()
+        schedule.step()
+    with torch.no_grad():
+        return to_logits(x).detach(), n_full, n_cached
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> int:
+    """Draw a token from softmax(logits / temperature) restricted to the top-p nucleus."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs, order = (logits.float() / temperature).softmax(-1).sort(descending=True)
+    keep = probs.cumsum(-1) - probs < top_p  # the smallest set whose mass reaches top_p (never empty)
+    return int(order[torch.multinomial(probs * keep, 1)])
+
+
+def accept(reward_proposed: float, reward_current: float) -> bool:
+    """Rejection sampling: a revised draft replaces the current one only if the reward model prefers it."""
+    return reward_proposed > reward_current
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+@dataclass
+class NablaOutput:
+    text: str             # the response only: no prompt, no end-of-sequence token
+    token_ids: list[int]  # the response in the LM's vocabulary
+    stats: dict           # model calls, rollouts, revisions, gradient passes, rewards, time
+
+
+class NablaReasoner:
+    """∇-Reasoner decoding with a causal LM and, optionally, a sequence-classification reward model.
+
+    Without a reward model, DTO follows the likelihood term alone and every revision is kept.
+    Models are used as given (device, dtype, eval mode); their weights get no gradients.
+    """
+
+    def __init__(self, lm, lm_tokenizer, rm=None, rm_tokenizer=None, config: NablaConfig | None = None):
+        self.cfg = cfg = config or NablaConfig()
+        if cfg.space not in ("logits", "latents"):
+            raise ValueError(f"space must be 'logits' or 'latents', not {cfg.space!r}")
+        if (rm is None) != (rm_tokenizer is None):
+            raise ValueError("give both the reward model and its tokenizer, or neither")
+        _require_chat_template(lm_tokenizer, "policy")
+        vocab_rows = lm.get_input_embeddings().weight.shape[0]
+        if lm.get_output_embeddings().weight.shape[0] != vocab_rows:
+            raise ValueError("the LM's input and output vocabularies differ in size")
+        self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm, lm_tokenizer, rm, rm_tokenizer
+        self.eos = set(eos_token_ids(lm))
+        self.vocab_map = None
+        if rm is not None:
+            _require_chat_template(rm_tokenizer, "reward model")
+            if rm.config.num_labels != 1:
+                raise ValueError(f"the reward model must have one output (num_labels=1), not {rm.config.num_labels}")
+            vocab_map = align_vocab(lm_tokenizer, rm_tokenizer, vocab_rows)
+            vocab_map[vocab_map >= rm.get_input_embeddings().weight.shape[0]] = -1
+            self.vocab_map = vocab_map.to(lm.device)
+        pad = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        # Explicit sampling settings, so the model's own defaults (Qwen's top_k=20, repetition penalty) stay out.
+        self.sampling = dict(
+            do_sample=cfg.rollout_temperature > 0, temperature=cfg.rollout_temperature or 1.0,
+            top_p=cfg.rollout_top_p, top_k=0, repetition_penalty=1.0, eos_token_id=sorted(self.eos) or None,
+            pad_token_id=pad)
+        self._w_out = None  # fp32 copy of the output head, made once, for optimization in latent space
+
+    def generate(self, prompt: str, seed: int = 0) -> NablaOutput:
+        """Answer one prompt. The same seed on the same device gives the same output."""
+        _check_inputs(self.lm_tokenizer, prompt, "policy")
+        devices = [self.lm.device] if self.lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # seed locally, leave the caller's random state alone
+            torch.manual_seed(seed)
+            return self._decode(prompt)
+
+    def _decode(self, prompt: str) -> NablaOutput:
+        cfg, start_time = self.cfg, time.perf_counter()
+        stats = dict(model_calls=0, generated_tokens=0, rollouts=0, revisions_proposed=0, revisions_accepted=0,
+                     grad_steps=0, cached_steps=0, reward_initial=None, reward_final=None)
+        rm_before, rm_after = reward_template(self.rm_tokenizer, prompt) if self.rm is not None else ([], [])
+        prefix = Prefix(chat_prompt_ids(self.lm_tokenizer, prompt), rm_before, rm_after)
+        committed: list[int] = []  # response tokens fixed for good
+
+        # 1. Roll out a full draft from the prompt.
+        ahead, prefix.lm_kv = self._rollout(prefix, [], 0, stats)
+        reward = stats["reward_initial"] = self._reward(prompt, ahead, stats)
+
+        while ahead and stats["rollouts"] < cfg.max_rollouts:
+            # 2. One pass over the ahead span gives every position's confidence and gradient; commit the
+            #    tokens before the first one worth optimizing.
+            step = self._loss_and_grads(prefix, ahead, stats)
+            s, grad = select_position(step, cfg, lambda pos: self._onehot_grads(step, pos))
+            n_commit = len(ahead) if s is None else s
+            self._commit(prefix, ahead[:n_commit], step if s is not None else None)
+            committed, ahead = committed + ahead[:n_commit], ahead[n_commit:]
+            if s is None:
+                break
+
+            # 3. DTO on that position: its gradient from the selection pass serves the first iteration.
+            rest = ahead[1:]
+
+            def full_grad(token: int) -> torch.Tensor:
+                return self._onehot_grads(self._loss_and_grads(prefix, [token] + rest, stats), [0])[0]
+
+            z0, to_logits = (step.logp[s], lambda z: z) if cfg.space == "logits" else (step.hidden[s], self._latent_logits)
+            z, n_full, n_cached = dto(z0, full_grad, cfg, first=(ahead[0], grad), to_logits=to_logits)
+            stats["cached_steps"] += n_cached
+            token = sample_top_p(z, cfg.resample_temperature, cfg.resample_top_p)
+
+            # 4. A changed token gets a new continuation, kept only if the reward model prefers it.
+            if token != ahead[0]:
+                stats["revisions_proposed"] += 1
+                proposal, kv = self._rollout(prefix, [token], len(committed), stats)
+                proposed_reward = self._reward(prompt, committed + proposal, stats)
+                if self.rm is None or not cfg.rejection_sampling or accept(proposed_reward, reward):
+                    ahead, reward, prefix.lm_kv = proposal, proposed_reward, kv
+                    stats["revisions_accepted"] += 1
+            self._commit(prefix, ahead[:1])
+            committed, ahead = committed + ahead[:1], ahead[1:]
+
+        # 5. Budget spent, end of sequence or nothing left to optimize: the current draft is the answer.
+        response = [t for t in committed + ahead if t not in self.eos]
+        stats["reward_final"] = reward
+        stats["wall_time_s"] = time.perf_counter() - start_time
+        return NablaOutput(self.lm_tokenizer.decode(response, skip_special_tokens=True), response, stats)
+
+    def _rollout(self, prefix: Prefix, start: list[int], n_committed: int, stats: dict) -> tuple[list[int], KV]:
+        """Sample a draft after prefix + start with `generate`, on the prefix's KV cache.
+
+        Returns start + the continuation, and a KV cache of everything but the last id of prefix + start.
+        """
+        stats["rollouts"] += 1
+        ids = prefix.lm_ids + start
+        room = self.cfg.max_new_tokens - n_committed - len(start)
+        if room <= 0 or (start and start[-1] in self.eos):
+            return list(start), prefix.lm_kv
+        input_ids = torch.tensor([ids], device=self.lm.device)
+        config = GenerationConfig(**self.sampling, max_new_tokens=room, return_dict_in_generate=True)
+        out = self.lm.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                               past_key_values=_cache(prefix.lm_kv), generation_config=config)
+        new = out.sequences[0, len(ids):].tolist()
+        stats["generated_tokens"] += len(new)
+        stats["model_calls"] += len(new)  # one forward pass per generated token, the prefill included
+        return list(start) + new, _keep(out.past_key_values, len(ids) - 1)
+
+    def _reward(self, prompt: str, response: list[int], stats: dict) -> float | None:
+        if self.rm is None:
+            return None
+        stats["model_calls"] += 1
+        text = self.lm_tokenizer.decode([t for t in response if t not in self.eos], skip_special_tokens=True)
+        return score(self.rm, self.rm_tokenizer, prompt, text)
+
+    def _loss_and_grads(self, prefix: Prefix, ahead: list[int], stats: dict) -> AheadGrads:
+        stats["grad_steps"] += 1
+        stats["model_calls"] += 2 if self.rm is None else 4  # forward and backward of each model
+        return ahead_loss_and_grads(self.lm, self.rm, self.vocab_map, prefix, ahead, self.cfg, self.eos)
+
+    def _onehot_grads(self, step: AheadGrads, positions) -> torch.Tensor:
+        positions = torch.as_tensor(positions, device=step.logp.device)
+        return onehot_grads(step, positions, self.lm, self.rm, self.vocab_map, self.cfg)
+
+    def _latent_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self._w_out is None:
+            head = self.lm.get_output_embeddings()
+            bias = None if head.bias is None else head.bias.detach().float()
+            self._w_out = (head.weight.detach().float(), bias)
+        return F.linear(h, *self._w_out)
+
+    def _commit(self, prefix: Prefix, tokens: list[int], step: AheadGrads | None = None) -> None:
+        """Append tokens to the prefix; a pass that ran over them also gives their KV entries."""
+        prefix.lm_ids = prefix.lm_ids + tokens
+        if self.rm is not None:
+            prefix.rm_ids = prefix.rm_ids + self.vocab_map[torch.tensor(tokens, dtype=torch.long)].tolist()
+        if step is not None:
+            prefix.lm_kv = _keep(step.lm_cache, len(prefix.lm_ids) - 1)
+            if step.rm_cache is not None:
+                prefix.rm_kv = _keep(step.rm_cache, len(prefix.rm_ids))
