@@ -402,7 +402,7 @@ class NablaReasoner:
     def _decode(self, prompt: str) -> NablaOutput:
         cfg, start_time = self.cfg, time.perf_counter()
         stats = dict(model_calls=0, generated_tokens=0, rollouts=0, revisions_proposed=0, revisions_accepted=0,
-                     grad_steps=0, cached_steps=0, reward_initial=None, reward_final=None)
+                     grad_steps=0, cached_steps=0, optimized_tokens=0, reward_initial=None, reward_final=None)
         rm_before, rm_after = reward_template(self.rm_tokenizer, prompt) if self.rm is not None else ([], [])
         prefix = Prefix(chat_prompt_ids(self.lm_tokenizer, prompt), rm_before, rm_after)
         committed: list[int] = []  # response tokens fixed for good
@@ -431,6 +431,7 @@ class NablaReasoner:
             z0, to_logits = (step.logp[s], lambda z: z) if cfg.space == "logits" else (step.hidden[s], self._latent_logits)
             z, n_full, n_cached = dto(z0, full_grad, cfg, first=(ahead[0], grad), to_logits=to_logits)
             stats["cached_steps"] += n_cached
+            stats["optimized_tokens"] += 1
             token = sample_top_p(z, cfg.resample_temperature, cfg.resample_top_p)
 
             # 4. A changed token gets a new continuation, kept only if the reward model prefers it.
