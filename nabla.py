@@ -31,7 +31,8 @@ Where this file goes beyond the authors' release (VITA-Group/Nabla-Reasoner):
   * a DTO step runs both models over the ahead span only, on KV caches of the prompt and committed
     tokens, and computes vocabulary logits only for the ahead span;
   * one position is a parameter (not an [ahead x vocab] tensor), kept in fp32 even for bf16 models;
-  * the gradient computed for token selection is reused as DTO's first gradient;
+  * the gradient computed for token selection is reused as DTO's first gradient when DTO starts at the
+    drafted token (the LLM's argmax; always with greedy drafts);
   * rollouts run in-process with `generate`, on the same KV cache.
 """
 import math
@@ -385,10 +386,11 @@ class NablaReasoner:
             self.vocab_map = vocab_map.to(lm.device)
         pad = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         # Explicit sampling settings, so the model's own defaults (Qwen's top_k=20, repetition penalty) stay out.
-        self.sampling = dict(
-            do_sample=cfg.rollout_temperature > 0, temperature=cfg.rollout_temperature or 1.0,
-            top_p=cfg.rollout_top_p, top_k=0, repetition_penalty=1.0, eos_token_id=sorted(self.eos) or None,
-            pad_token_id=pad)
+        self.sampling = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=sorted(self.eos) or None,
+                             pad_token_id=pad)
+        if cfg.rollout_temperature > 0:
+            self.sampling.update(do_sample=True, temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
+                                 top_k=0)
         self._w_out = None  # fp32 copy of the output head, made once, for optimization in latent space
 
     def generate(self, prompt: str, seed: int = 0) -> NablaOutput:
@@ -422,7 +424,8 @@ class NablaReasoner:
             if s is None:
                 break
 
-            # 3. DTO on that position: its gradient from the selection pass serves the first iteration.
+            # 3. DTO on that position, starting from the LLM's own logits. While their argmax is the drafted
+            #    token, the selection pass's gradient serves DTO's first iteration (dto checks the token).
             rest = ahead[1:]
 
             def full_grad(token: int) -> torch.Tensor:
