@@ -313,7 +313,8 @@ def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaCo
     """
     x = z0.detach().float().clone().requires_grad_()  # fp32: a bf16 logit of 12 cannot move by 0.01
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    decay = lambda t: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / cfg.dto_iters))
+    n = max(cfg.dto_iters, 1)  # dto_iters=0 runs no step: z0 comes back unchanged
+    decay = lambda t: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / n))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     cached, n_full, n_cached = first, 0, 0
     for it in range(cfg.dto_iters):

@@ -165,6 +165,19 @@ def test_gradient_cache_gives_the_same_trajectory_with_fewer_full_passes(tok, lm
     assert all(a != b for a, b in zip(tokens_seen, tokens_seen[1:]))  # recomputed only after a flip
 
 
+def test_zero_dto_iterations_redraw_from_the_llm_logits(tok, lm, rm):
+    z0 = torch.randn(lm.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    z, n_full, n_cached = dto(z0, lambda token: pytest.fail("no gradient is needed"), NablaConfig(dto_iters=0))
+    assert torch.equal(z, z0) and (n_full, n_cached) == (0, 0)
+    stats = [NablaReasoner(lm, tok, rm, tok, cfg).generate(PROMPT, seed=0).stats
+             for cfg in (replace(FAST, dto_iters=0), FAST)]
+    # Without DTO the only gradient passes are token selection's, one per optimized token (plus a last
+    # one that finds nothing to optimize); with DTO there are more.
+    assert stats[0]["optimized_tokens"] >= 1 and stats[0]["cached_steps"] == 0
+    assert stats[0]["grad_steps"] - stats[0]["optimized_tokens"] in (0, 1)
+    assert stats[1]["grad_steps"] - stats[1]["optimized_tokens"] > 1
+
+
 def test_optimized_variable_stays_fp32_and_moves_for_bf16_logits():
     z0 = torch.full((10,), 12.0, dtype=torch.bfloat16)
     z0[3] = 12.5
