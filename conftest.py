@@ -5,34 +5,20 @@ A character-level tokenizer with a Qwen-style chat template, a 2-layer `Qwen2For
 also shuffle the token ids or drop characters, to build a reward model whose vocabulary differs from
 the policy's.
 """
-import random
 import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from toy_arith import CHAT_TEMPLATE, char_tokenizer
+
 CHARS = list(string.printable[:95]) + ["\n"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def make_tokenizer(chars=CHARS, shuffle_seed=None, chat_template=CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """One token per character. `shuffle_seed` permutes the ids (same strings, other numbering)."""
-    symbols = list(chars)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(symbols)
-    vocab = {s: i for i, s in enumerate(SPECIALS + symbols)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.add_special_tokens(SPECIALS)
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = chat_template
-    return tok
+    return char_tokenizer(chars, shuffle_seed=shuffle_seed, chat_template=chat_template)
 
 
 def _config(tok, hidden: int, layers: int, **extra) -> Qwen2Config:
