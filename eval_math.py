@@ -630,7 +630,8 @@ def run_fields(problem: Problem, method: str, args) -> dict:
     """The settings a result depends on; resuming refuses records made with other settings."""
     return {"prompt": build_prompt(problem.problem, args.prompt_suffix), "seed": problem_seed(args.seed, problem.index),
             "n": None if method == "greedy" else args.n, "max_new_tokens": args.max_new_tokens, "model": args.model,
-            "reward_model": args.reward_model if method in NEEDS_REWARD_MODEL else None}
+            "reward_model": args.reward_model if method in NEEDS_REWARD_MODEL else None,
+            "grad_norm_threshold": args.grad_norm_threshold if method == "nabla" else None}
 
 
 def check_same_run(done: dict, expected: dict, path: Path) -> None:
@@ -657,7 +658,9 @@ def evaluate(args) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     path = shard_path(output, shard, shards)
-    config = NablaConfig(max_new_tokens=args.max_new_tokens)
+    if args.grad_norm_threshold < 0:
+        raise InputError(f"--grad-norm-threshold must not be negative, not {args.grad_norm_threshold}")
+    config = NablaConfig(max_new_tokens=args.max_new_tokens, grad_norm_threshold=args.grad_norm_threshold)
 
     done = open_for_resume(path)
     expected = {(p.id, m): run_fields(p, m, args) for p in mine for m in methods}
@@ -743,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="samples for sc and bon, rollout budget for nabla (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="length limit of every response (default 1024, the paper's MATH-500 setting; AIME: 3072)")
+    p.add_argument("--grad-norm-threshold", type=float, default=4.0,
+                   help="∇-Reasoner optimizes a token only if its gradient norm reaches this (default 4, the "
+                        "paper's MATH-500 setting; AIME: 8)")
     p.add_argument("--output", default="results/math500.jsonl", help="JSON Lines results; re-running resumes")
     p.add_argument("--seed", type=int, default=0, help="base seed; each problem's seed derives from it")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")

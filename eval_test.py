@@ -274,6 +274,12 @@ def test_resume_refuses_results_of_other_settings(model_dirs, tmp_path, capsys):
     assert run(model_dirs, out, limit=1) == 0
     assert run(model_dirs, out, limit=1, tokens=5) == 2
     assert "max_new_tokens differs" in capsys.readouterr().err
+    out = tmp_path / "nabla.jsonl"
+    assert run(model_dirs, out, methods="nabla", limit=1) == 0
+    assert run(model_dirs, out, "--grad-norm-threshold", "8", methods="nabla", limit=1) == 2
+    assert "grad_norm_threshold differs" in capsys.readouterr().err
+    assert run(model_dirs, out, "--grad-norm-threshold", "-1", methods="nabla", limit=1) == 2
+    assert "--grad-norm-threshold must not be negative" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

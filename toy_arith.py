@@ -661,6 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", help="folder of the trained models (default toy_models/, --quick: a temporary one)")
     p.add_argument("--retrain", action="store_true", help="train the models again even if they are cached")
     p.add_argument("--problems", type=int, help="held-out test problems (default 200)")
+    p.add_argument("--rm-steps", type=int, help="reward-model training steps (default 600; more: a better reward model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="results/toy_arith.json", help="everything measured, as JSON")
     args = p.parse_args(argv)
@@ -669,6 +670,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1 if args.quick else min(2, torch.get_num_threads()))
     start = time.perf_counter()
     settings = QUICK if args.quick else TrainSettings()
+    if args.rm_steps:
+        settings = replace(settings, rm_steps=args.rm_steps)
     n_test = args.problems or (4 if args.quick else 200)
     ns, lrs, n_diag = ((1, 2), [0.01, 1.0], 2) if args.quick else ((1, 2, 4, 8), [0.01, 0.1, 0.3, 1.0, 3.0], 100)
     test, val = held_out_problems(args.seed, n_test, settings.val_problems)
