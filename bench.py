@@ -56,7 +56,7 @@ import transformers
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForSequenceClassification
 
 import nabla
-from conftest import CHARS, make_tokenizer
+from tiny import PRINTABLE, make_tokenizer
 
 # Model shapes. "7b" is Qwen2.5-7B-Instruct (policy) and Skywork-Reward-V2-Qwen3-8B (= Qwen3-8B, reward model).
 # "small" keeps a realistic vocabulary but few, narrow layers, so a CPU runs the whole bench in minutes;
@@ -108,7 +108,7 @@ def vocab_chars(n: int) -> list[str]:
     One token per character gives a tokenizer of any vocabulary size whose decode and encode are exact
     inverses, so the generate-level run can use full-size vocabularies without downloading a tokenizer.
     """
-    chars = list(CHARS)
+    chars = list(PRINTABLE)
     for lo, hi in [(0x4E00, 0xA000), (0xAC00, 0xD7A4), (0xE000, 0xF900), (0xF0000, 0xFFFFE), (0x100000, 0x10FFFE)]:
         chars.extend(chr(c) for c in range(lo, min(hi, lo + n - len(chars))))
     return chars[:n]

@@ -8,15 +8,6 @@ import bench
 import nabla
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as bench.py uses on CPU: several threads on a busy machine can be many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_models(lm_vocab=None):
     shape = bench.SHAPES["tiny"]
     if lm_vocab is not None:  # a policy with padding rows the reward model lacks, like Qwen2.5 vs Qwen3

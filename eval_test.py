@@ -1,5 +1,5 @@
 """Tests of eval_math.py on CPU: the grader on MATH-500's gold answers, every method end to end with
-the tiny models of conftest.py saved to a temporary folder, resuming, sharding and every bad-input error.
+the tiny models of tiny.py saved to a temporary folder, resuming, sharding and every bad-input error.
 
 Tests that read ../shared/data are skipped, with the reason, when that folder is absent.
 """
@@ -24,16 +24,6 @@ REQUIRED_KEYS = {"id", "method", "prompt", "response", "prediction", "answer", "
 
 def math500_golds() -> list[str]:
     return [json.loads(line)["answer"] for line in MATH500.read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' waiting made these
-    # tests up to ten times slower. Restored afterwards, so other test files are not affected.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

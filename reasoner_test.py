@@ -1,4 +1,4 @@
-"""Tests of nabla.py on tiny models built in-process (conftest.py); CPU, fp32."""
+"""Tests of nabla.py on tiny models built in-process (tiny.py); CPU, fp32."""
 import math
 from dataclasses import replace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CHARS, make_lm, make_rm, make_tokenizer
+from tiny import PRINTABLE, make_lm, make_rm, make_tokenizer
 from nabla import (AheadGrads, NablaConfig, NablaReasoner, Prefix, _keep, accept, ahead_loss_and_grads, align_vocab,
                    chat_prompt_ids, dto, eos_token_ids, onehot_grads, reward_template, sample_top_p, score,
                    select_position, straight_through_onehot, token_entropy)
@@ -109,7 +109,7 @@ def train_rm_preferring(tok, good: str, bad: str, steps: int = 60):
     opt = torch.optim.Adam(rm.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        tail = "".join(CHARS[i] for i in torch.randint(10, 60, (6,), generator=gen))
+        tail = "".join(PRINTABLE[i] for i in torch.randint(10, 60, (6,), generator=gen))
         pair = [torch.tensor([ids_of(tok, tok.apply_chat_template(
             [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first + tail}], tokenize=False))])
             for first in (good, bad)]

@@ -36,12 +36,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models as token_models
 from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2ForSequenceClassification)
 
 from nabla import (NablaConfig, Prefix, ahead_loss_and_grads, align_vocab, chat_prompt_ids, dto, onehot_grads,
                    reward_template, score)
+from tiny import char_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # The task: arithmetic with a worked chain
@@ -145,33 +145,8 @@ def corrupt(problem: Problem, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and models
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ROLES = ["user", "assistant"]  # one token each, so the chat template costs 9 tokens per example
 CHARS = list("0123456789+-*= \\boxed{}\n")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def char_tokenizer(chars, words=(), shuffle_seed: int | None = None,
-                   chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
-    """One token per character, plus one token per word in `words`, with a Qwen-style chat template.
-
-    `shuffle_seed` permutes the characters' ids (same strings, other numbering); the tests use it to
-    build a reward model whose vocabulary is numbered differently from the policy's.
-    """
-    symbols = list(chars)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(symbols)
-    vocab = {s: i for i, s in enumerate(SPECIALS + list(words) + symbols)}
-    backend = Tokenizer(token_models.BPE(vocab=vocab, merges=[]))
-    backend.add_special_tokens(SPECIALS)
-    backend.add_tokens([AddedToken(w, normalized=False) for w in words])
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = chat_template
-    return tok
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
