@@ -30,19 +30,23 @@ Where this file goes beyond the authors' release (VITA-Group/Nabla-Reasoner):
     template + the whole response), so the returned draft never scores below the first one;
   * a DTO step runs both models over the ahead span only, on KV caches of the prompt and committed
     tokens, and computes vocabulary logits only for the ahead span;
-  * one position is a parameter (not an [ahead x vocab] tensor), kept in fp32 even for bf16 models;
+  * one position is a parameter (not an [ahead x vocab] tensor), kept in fp32 even for bf16 models, and the
+    reward model's score head runs in fp32, so rewards of bf16 models are not rounded into ties;
   * the gradient computed for token selection is reused as DTO's first gradient when DTO starts at the
     drafted token (the LLM's argmax; always with greedy drafts);
-  * rollouts run in-process with `generate`, on the same KV cache.
+  * rollouts run in-process with `generate`, on the same KV cache (a static, compiled one with
+    fast_rollout=True);
+  * every pass is counted in forward-token-equivalents as well as in model calls (see NablaReasoner).
 """
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, StaticCache
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (key, value) per layer, [1, heads, positions, dim]
 
@@ -54,12 +58,15 @@ class NablaConfig:
     max_rollouts: int = 8                   # N_max: drafts rolled out per problem, the first one included
     rollout_temperature: float = 0.6        # sampling temperature of every draft (0: greedy drafts)
     rollout_top_p: float = 0.95             # nucleus of every draft
+    rollout_top_k: int = 20                 # top-k of every draft (0: none); 20 is Qwen2.5-7B-Instruct's default,
+                                            # which the authors' runs fell back to
     resample_temperature: float = 0.5       # temperature of the redraw from the optimized logits
     resample_top_p: float = 0.95            # nucleus of that redraw
+    resample_top_k: int = 20                # top-k of that redraw (0: none), as for the drafts
     reward_coeff: float = 1.0               # λ: weight of the reward in the loss
     likelihood_coeff: float = 1e-3          # c: weight of the LLM log-likelihood in the loss
     lr: float = 0.01                        # Adam learning rate on the optimized logits (or latents)
-    min_lr_ratio: float = 0.1               # cosine decay from lr to min_lr_ratio * lr, no warm-up
+    min_lr_ratio: float = 0.1               # cosine decay of lr, clipped below at min_lr_ratio * lr, no warm-up
     dto_iters: int = 20                     # DTO iterations per optimized token (0: redraw from the LLM's logits)
     confidence_threshold: float = 0.97      # a token whose top probability is above this is committed as drafted
     grad_norm_threshold: float = 4.0        # so is a token whose ‖∂L/∂one-hot‖₂ is below this
@@ -67,6 +74,7 @@ class NablaConfig:
     space: str = "logits"                   # "logits": optimize z; "latents": optimize h, with z = W_out h
     grad_cache: bool = True                 # reuse ∂L/∂one-hot until the argmax token changes (exact)
     rejection_sampling: bool = True         # keep a revised draft only if the reward model scores it higher
+    fast_rollout: bool = False              # rollouts on a static KV cache, which `generate` compiles on a GPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,15 +164,40 @@ def reward_template(rm_tokenizer, prompt: str) -> tuple[list[int], list[int]]:
     return _ids(rm_tokenizer, before), _ids(rm_tokenizer, after)
 
 
+def reward_head(rm, hidden: torch.Tensor) -> torch.Tensor:
+    """The reward model's score head on its last hidden state(s), in fp32.
+
+    In bf16 a reward near 5 is rounded to a multiple of 1/32, so two different drafts often tie, and a
+    tie rejects a revision. The head is one row of weights, so fp32 costs nothing.
+    """
+    head = getattr(rm, "score", None)
+    head = getattr(rm, "classifier", None) if head is None else head
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError("the reward model needs a linear score head (`score` or `classifier`), as "
+                         "AutoModelForSequenceClassification models of the Llama/Qwen families have")
+    bias = None if head.bias is None else head.bias.float()
+    return F.linear(hidden.float(), head.weight.float(), bias)[..., 0]
+
+
+def reward_ids(rm_tokenizer, prompt: str, response: str) -> list[int]:
+    """The reward model's input for r(x, y): the whole conversation in its chat template."""
+    return _ids(rm_tokenizer, _conversation(rm_tokenizer, prompt, response))
+
+
 @torch.no_grad()
+def score_ids(rm, ids: list[int]) -> float:
+    """The reward of one conversation, read at its last token."""
+    hidden = rm.base_model(input_ids=torch.tensor([ids], device=rm.device)).last_hidden_state
+    return reward_head(rm, hidden[0, -1]).item()
+
+
 def score(rm, rm_tokenizer, prompt: str, response: str) -> float:
-    """r(x, y): the reward model's logit for the response, both in the reward model's chat template.
+    """r(x, y): the reward model's score for the response, both in the reward model's chat template.
 
     Every draft, first or revised, is scored by this one function on its whole text, so rewards are
     comparable (the authors' acceptance test scored the two drafts of a comparison differently).
     """
-    ids = _ids(rm_tokenizer, _conversation(rm_tokenizer, prompt, response))
-    return rm(input_ids=torch.tensor([ids], device=rm.device)).logits[0, 0].float().item()
+    return score_ids(rm, reward_ids(rm_tokenizer, prompt, response))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,9 +209,14 @@ def _cache(kv: KV) -> DynamicCache:
     return DynamicCache(kv) if kv else DynamicCache()
 
 
-def _keep(cache: DynamicCache, n: int) -> KV:
-    """The first n positions of a cache, cut off from the autograd graph."""
-    return tuple((k[:, :, :n].detach(), v[:, :, :n].detach()) for k, v, *_ in cache)
+def _keep(cache, n: int) -> KV:
+    """A copy of the first n positions of a cache, cut off from the autograd graph.
+
+    A copy, not a view: a view would keep the whole cache (the ahead span too) alive, and a static
+    cache is overwritten by the next rollout.
+    """
+    return tuple((layer.keys[:, :, :n].detach().clone(), layer.values[:, :, :n].detach().clone())
+                 for layer in cache.layers)
 
 
 def _kv_len(kv: KV) -> int:
@@ -202,7 +240,8 @@ class Prefix:
 @dataclass
 class AheadGrads:
     """One full pass of the loss over the ahead span: LM and RM forward, then backward."""
-    loss: float
+    loss: torch.Tensor           # scalar, detached: read it only when needed (reading it waits for the GPU)
+    positions: int               # token positions the two forward passes ran (the backward costs about twice that)
     logp: torch.Tensor           # [A, V] fp32: log π(· | x, y_<t, ŷ_<s) at each ahead position s
     hidden: torch.Tensor         # [A, d]: the LM's last hidden states that give those log-probs (the latents)
     g_lm: torch.Tensor           # [A, d]: ∂L/∂(LM input embedding of ŷ_s)
@@ -233,13 +272,13 @@ def ahead_loss_and_grads(lm, rm, vocab_map: torch.Tensor | None, prefix: Prefix,
             # The LM's end-of-sequence token is not part of the response: the RM's template closes it.
             n_rm = n - (ahead[-1] in eos_ids)
             kr = _kv_len(prefix.rm_kv)
-            rids = torch.cat([torch.tensor(prefix.rm_ids[kr:], dtype=torch.long),
-                              vocab_map[torch.tensor(ahead[:n_rm], dtype=torch.long)].cpu(),
-                              torch.tensor(prefix.rm_suffix, dtype=torch.long)]).to(rm.device)
+            mapped = vocab_map[torch.tensor(ahead[:n_rm], dtype=torch.long, device=vocab_map.device)]
+            rids = torch.cat([torch.tensor(prefix.rm_ids[kr:], dtype=torch.long, device=rm.device),
+                              mapped.to(rm.device), torch.tensor(prefix.rm_suffix, dtype=torch.long, device=rm.device)])
             remb = rm.get_input_embeddings()(rids.clamp(min=0)) * (rids >= 0)[:, None]  # tokens it lacks: zero
             remb = remb[None].detach().requires_grad_()
-            rout = rm(inputs_embeds=remb, past_key_values=_cache(prefix.rm_kv), use_cache=True)
-            loss = loss - cfg.reward_coeff * rout.logits[0, 0].float()
+            rout = rm.base_model(inputs_embeds=remb, past_key_values=_cache(prefix.rm_kv), use_cache=True)
+            loss = loss - cfg.reward_coeff * reward_head(rm, rout.last_hidden_state[0, -1])
             leaves.append(remb)
             rm_cache = rout.past_key_values
         grads = torch.autograd.grad(loss, leaves)
@@ -248,7 +287,8 @@ def ahead_loss_and_grads(lm, rm, vocab_map: torch.Tensor | None, prefix: Prefix,
         start = len(prefix.rm_ids) - kr
         g_rm = grads[1].new_zeros(n, grads[1].shape[-1])  # the RM's width may differ from the LM's
         g_rm[:n_rm] = grads[1][0, start:start + n_rm]
-    return AheadGrads(loss.item(), logp.detach(), hidden.detach(), grads[0][0, -n:], g_rm,
+    positions = len(ids) + (len(rids) if rm is not None else 0)
+    return AheadGrads(loss.detach(), positions, logp.detach(), hidden.detach(), grads[0][0, -n:], g_rm,
                       out.past_key_values, rm_cache)
 
 
@@ -299,6 +339,14 @@ def select_position(step: AheadGrads, cfg: NablaConfig,
     return None, None
 
 
+def lr_factor(t: int, cfg: NablaConfig) -> float:
+    """The learning rate of iteration t over cfg.lr: cosine decay, clipped below at min_lr_ratio.
+
+    The authors' schedule: max(0.1, 0.5 (1 + cos(π t / T))), flat at 0.1 for the last fifth of the 20 steps.
+    """
+    return max(cfg.min_lr_ratio, 0.5 * (1 + math.cos(math.pi * t / max(cfg.dto_iters, 1))))
+
+
 def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaConfig,
         first: tuple[int, torch.Tensor] | None = None, to_logits: Callable = lambda x: x):
     """Differentiable Textual Optimization of one position: Adam on z (or h) with cosine decay.
@@ -313,14 +361,12 @@ def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaCo
     """
     x = z0.detach().float().clone().requires_grad_()  # fp32: a bf16 logit of 12 cannot move by 0.01
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    n = max(cfg.dto_iters, 1)  # dto_iters=0 runs no step: z0 comes back unchanged
-    decay = lambda t: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t / n))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg))
     cached, n_full, n_cached = first, 0, 0
     for it in range(cfg.dto_iters):
         with torch.enable_grad():
             z = to_logits(x)
-            token = int(z.argmax())
+            token = int(z.argmax())  # the one read of the GPU per iteration: it decides whether a pass must run
             if cached is None or cached[0] != token or (it > 0 and not cfg.grad_cache):
                 cached, n_full = (token, full_grad(token)), n_full + 1
             else:
@@ -333,11 +379,15 @@ def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaCo
         return to_logits(x).detach(), n_full, n_cached
 
 
-def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> int:
-    """Draw a token from softmax(logits / temperature) restricted to the top-p nucleus."""
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> int:
+    """Draw a token from softmax(logits / temperature), restricted to the top-k tokens (0: all), then to
+    the top-p nucleus of those: the order of Hugging Face's sampling and of the authors' redraw."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs, order = (logits.float() / temperature).softmax(-1).sort(descending=True)
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], -math.inf)
+    probs, order = scaled.softmax(-1).sort(descending=True)
     keep = probs.cumsum(-1) - probs < top_p  # the smallest set whose mass reaches top_p (never empty)
     return int(order[torch.multinomial(probs * keep, 1)])
 
@@ -362,7 +412,13 @@ class NablaReasoner:
     """∇-Reasoner decoding with a causal LM and, optionally, a sequence-classification reward model.
 
     Without a reward model, DTO follows the likelihood term alone and every revision is kept.
-    Models are used as given (device, dtype, eval mode); their weights get no gradients.
+    Models are used as given (device, dtype, eval mode), except that their weights are frozen
+    (requires_grad=False): only the token embeddings need gradients, and a weight that requires one
+    makes autograd keep every activation a weight gradient would need (+50% saved memory).
+
+    stats["model_calls"] counts passes as the paper does (1 per generated token, 1 per scoring, 4 per
+    gradient pass, prefills included); stats["forward_token_equivalents"] counts the tokens they run:
+    1 per token of a forward pass (prefills included), 3 per token of a pass with a backward.
     """
 
     def __init__(self, lm, lm_tokenizer, rm=None, rm_tokenizer=None, config: NablaConfig | None = None):
@@ -375,24 +431,27 @@ class NablaReasoner:
         vocab_rows = lm.get_input_embeddings().weight.shape[0]
         if lm.get_output_embeddings().weight.shape[0] != vocab_rows:
             raise ValueError("the LM's input and output vocabularies differ in size")
-        self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm, lm_tokenizer, rm, rm_tokenizer
+        self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm.requires_grad_(False), lm_tokenizer, rm, rm_tokenizer
         self.eos = set(eos_token_ids(lm))
-        self.vocab_map = None
+        self.vocab_map = self._rm_id = None
         if rm is not None:
             _require_chat_template(rm_tokenizer, "reward model")
             if rm.config.num_labels != 1:
                 raise ValueError(f"the reward model must have one output (num_labels=1), not {rm.config.num_labels}")
+            reward_head(rm.requires_grad_(False), torch.zeros(1, rm.config.hidden_size, device=rm.device))
             vocab_map = align_vocab(lm_tokenizer, rm_tokenizer, vocab_rows)
             vocab_map[vocab_map >= rm.get_input_embeddings().weight.shape[0]] = -1
-            self.vocab_map = vocab_map.to(lm.device)
+            self.vocab_map, self._rm_id = vocab_map.to(lm.device), vocab_map.tolist()
         pad = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
-        # Explicit sampling settings, so the model's own defaults (Qwen's top_k=20, repetition penalty) stay out.
+        # Every knob explicit, so the model's own defaults (e.g. Qwen's repetition penalty) stay out.
         self.sampling = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=sorted(self.eos) or None,
                              pad_token_id=pad)
         if cfg.rollout_temperature > 0:
             self.sampling.update(do_sample=True, temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
-                                 top_k=0)
+                                 top_k=cfg.rollout_top_k)
         self._w_out = None  # fp32 copy of the output head, made once, for optimization in latent space
+        self._static = None  # the static KV cache of fast rollouts, allocated once and refilled per rollout
+        self._warned = False
 
     def generate(self, prompt: str, seed: int = 0) -> NablaOutput:
         """Answer one prompt. The same seed on the same device gives the same output."""
@@ -404,15 +463,16 @@ class NablaReasoner:
 
     def _decode(self, prompt: str) -> NablaOutput:
         cfg, start_time = self.cfg, time.perf_counter()
-        stats = dict(model_calls=0, generated_tokens=0, rollouts=0, revisions_proposed=0, revisions_accepted=0,
-                     grad_steps=0, cached_steps=0, optimized_tokens=0, reward_initial=None, reward_final=None)
+        stats = dict(model_calls=0, forward_token_equivalents=0, generated_tokens=0, rollouts=0,
+                     revisions_proposed=0, revisions_accepted=0, grad_steps=0, cached_steps=0, optimized_tokens=0,
+                     reward_initial=None, reward_final=None, reward_splice_mismatches=0)
         rm_before, rm_after = reward_template(self.rm_tokenizer, prompt) if self.rm is not None else ([], [])
         prefix = Prefix(chat_prompt_ids(self.lm_tokenizer, prompt), rm_before, rm_after)
         committed: list[int] = []  # response tokens fixed for good
 
         # 1. Roll out a full draft from the prompt.
         ahead, prefix.lm_kv = self._rollout(prefix, [], 0, stats)
-        reward = stats["reward_initial"] = self._reward(prompt, ahead, stats)
+        reward = stats["reward_initial"] = self._reward(prompt, ahead, stats, rm_before, rm_after)
 
         while ahead and stats["rollouts"] < cfg.max_rollouts:
             # 2. One pass over the ahead span gives every position's confidence and gradient; commit the
@@ -424,25 +484,29 @@ class NablaReasoner:
             committed, ahead = committed + ahead[:n_commit], ahead[n_commit:]
             if s is None:
                 break
+            # DTO starts from the LLM's own logits (or latents) at that position. Copy the row, and let the
+            # pass's [ahead x vocabulary] tensors go before DTO makes its own.
+            z0 = (step.logp[s] if cfg.space == "logits" else step.hidden[s]).clone()
+            del step
 
-            # 3. DTO on that position, starting from the LLM's own logits. While their argmax is the drafted
-            #    token, the selection pass's gradient serves DTO's first iteration (dto checks the token).
+            # 3. DTO on that position. While the argmax is the drafted token, the selection pass's gradient
+            #    serves DTO's first iteration (dto checks the token).
             rest = ahead[1:]
 
             def full_grad(token: int) -> torch.Tensor:
                 return self._onehot_grads(self._loss_and_grads(prefix, [token] + rest, stats), [0])[0]
 
-            z0, to_logits = (step.logp[s], lambda z: z) if cfg.space == "logits" else (step.hidden[s], self._latent_logits)
+            to_logits = (lambda z: z) if cfg.space == "logits" else self._latent_logits
             z, n_full, n_cached = dto(z0, full_grad, cfg, first=(ahead[0], grad), to_logits=to_logits)
             stats["cached_steps"] += n_cached
             stats["optimized_tokens"] += 1
-            token = sample_top_p(z, cfg.resample_temperature, cfg.resample_top_p)
+            token = sample_top_p(z, cfg.resample_temperature, cfg.resample_top_p, cfg.resample_top_k)
 
             # 4. A changed token gets a new continuation, kept only if the reward model prefers it.
             if token != ahead[0]:
                 stats["revisions_proposed"] += 1
                 proposal, kv = self._rollout(prefix, [token], len(committed), stats)
-                proposed_reward = self._reward(prompt, committed + proposal, stats)
+                proposed_reward = self._reward(prompt, committed + proposal, stats, rm_before, rm_after)
                 if self.rm is None or not cfg.rejection_sampling or accept(proposed_reward, reward):
                     ahead, reward, prefix.lm_kv = proposal, proposed_reward, kv
                     stats["revisions_accepted"] += 1
@@ -452,6 +516,8 @@ class NablaReasoner:
         # 5. Budget spent, end of sequence or nothing left to optimize: the current draft is the answer.
         response = [t for t in committed + ahead if t not in self.eos]
         stats["reward_final"] = reward
+        if self.rm is not None:  # how much of the response the reward model can read (token string alignment)
+            stats["rm_token_coverage"] = sum(self._rm_id[t] >= 0 for t in response) / max(len(response), 1)
         stats["wall_time_s"] = time.perf_counter() - start_time
         return NablaOutput(self.lm_tokenizer.decode(response, skip_special_tokens=True), response, stats)
 
@@ -466,25 +532,54 @@ class NablaReasoner:
         if room <= 0 or (start and start[-1] in self.eos):
             return list(start), prefix.lm_kv
         input_ids = torch.tensor([ids], device=self.lm.device)
+        cache = self._static_cache(prefix.lm_kv, len(ids) + room) if self.cfg.fast_rollout else _cache(prefix.lm_kv)
         config = GenerationConfig(**self.sampling, max_new_tokens=room, return_dict_in_generate=True)
-        out = self.lm.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                               past_key_values=_cache(prefix.lm_kv), generation_config=config)
+        out = self.lm.generate(input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                               generation_config=config)
         new = out.sequences[0, len(ids):].tolist()
         stats["generated_tokens"] += len(new)
         stats["model_calls"] += len(new)  # one forward pass per generated token, the prefill included
+        # The prefill runs the ids the cache lacks; every generated token but the last is run once more.
+        stats["forward_token_equivalents"] += len(ids) - _kv_len(prefix.lm_kv) + max(len(new) - 1, 0)
         return list(start) + new, _keep(out.past_key_values, len(ids) - 1)
 
-    def _reward(self, prompt: str, response: list[int], stats: dict) -> float | None:
+    def _static_cache(self, kv: KV, length: int) -> StaticCache:
+        """The static cache, refilled with the prefix. Its size is rounded up, so a compiled decode step is
+        reused across rollouts and problems instead of being compiled again for every length."""
+        if self._static is None or self._static.layers[0].max_cache_len < length:
+            self._static = StaticCache(config=self.lm.config, max_cache_len=256 * math.ceil(length / 256))
+        self._static.reset()
+        for layer, (k, v) in enumerate(kv):
+            self._static.update(k, v, layer)
+        return self._static
+
+    def _reward(self, prompt: str, response: list[int], stats: dict, rm_before=(), rm_after=()) -> float | None:
+        """The score of a draft, from its text. The loss reads the same draft spliced into the template token
+        by token; where the two inputs differ (tokenizers that merge differently, a template that edits the
+        response), the loss optimizes a slightly different reward than the one that accepts: counted and warned."""
         if self.rm is None:
             return None
+        response = [t for t in response if t not in self.eos]
+        # Special tokens the LM wrote stay in: the loss reads them too.
+        ids = reward_ids(self.rm_tokenizer, prompt, self.lm_tokenizer.decode(response))
+        if ids != list(rm_before) + [self._rm_id[t] for t in response] + list(rm_after):
+            stats["reward_splice_mismatches"] += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn("the reward model reads a draft differently from text than token by token (its "
+                              "tokenizer merges differently, or its chat template changes the response): the "
+                              "reward DTO optimizes differs slightly from the one that accepts revisions; "
+                              "stats['reward_splice_mismatches'] counts the drafts affected", stacklevel=2)
         stats["model_calls"] += 1
-        text = self.lm_tokenizer.decode([t for t in response if t not in self.eos], skip_special_tokens=True)
-        return score(self.rm, self.rm_tokenizer, prompt, text)
+        stats["forward_token_equivalents"] += len(ids)
+        return score_ids(self.rm, ids)
 
     def _loss_and_grads(self, prefix: Prefix, ahead: list[int], stats: dict) -> AheadGrads:
+        step = ahead_loss_and_grads(self.lm, self.rm, self.vocab_map, prefix, ahead, self.cfg, self.eos)
         stats["grad_steps"] += 1
         stats["model_calls"] += 2 if self.rm is None else 4  # forward and backward of each model
-        return ahead_loss_and_grads(self.lm, self.rm, self.vocab_map, prefix, ahead, self.cfg, self.eos)
+        stats["forward_token_equivalents"] += 3 * step.positions  # a backward costs about two forwards
+        return step
 
     def _onehot_grads(self, step: AheadGrads, positions) -> torch.Tensor:
         positions = torch.as_tensor(positions, device=step.logp.device)
@@ -501,7 +596,7 @@ class NablaReasoner:
         """Append tokens to the prefix; a pass that ran over them also gives their KV entries."""
         prefix.lm_ids = prefix.lm_ids + tokens
         if self.rm is not None:
-            prefix.rm_ids = prefix.rm_ids + self.vocab_map[torch.tensor(tokens, dtype=torch.long)].tolist()
+            prefix.rm_ids = prefix.rm_ids + [self._rm_id[t] for t in tokens]
         if step is not None:
             prefix.lm_kv = _keep(step.lm_cache, len(prefix.lm_ids) - 1)
             if step.rm_cache is not None:

@@ -196,7 +196,7 @@ def fake_step(top_probs):
     V = 8
     probs = torch.tensor([[p] + [(1 - p) / (V - 1)] * (V - 1) for p in top_probs])
     z = torch.zeros(len(top_probs), 2)
-    return AheadGrads(0.0, probs.log(), z, z, None, None, None)
+    return AheadGrads(torch.tensor(0.0), 0, probs.log(), z, z, None, None, None)
 
 
 def test_selection_skips_confident_tokens_and_small_gradients():
@@ -259,7 +259,7 @@ def test_rejection_sampling_never_returns_a_worse_draft(tok, lm, rm, seed):
     out = NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=seed)
     st = out.stats
     assert st["reward_final"] >= st["reward_initial"]
-    assert st["reward_final"] == pytest.approx(score(rm, tok, PROMPT, out.text), abs=1e-5)
+    assert st["reward_final"] == pytest.approx(score(rm, tok, PROMPT, tok.decode(out.token_ids)), abs=1e-5)
     assert st["revisions_proposed"] == st["rollouts"] - 1 >= 1
     # every forward and backward pass is counted: tokens, 4 per gradient pass, 1 per reward scoring
     assert st["model_calls"] == st["generated_tokens"] + 4 * st["grad_steps"] + 1 + st["revisions_proposed"]
