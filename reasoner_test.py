@@ -1,11 +1,15 @@
 """Tests of nabla.py on tiny models built in-process (tiny.py); CPU, fp32."""
+import gc
 import math
+import warnings
+import weakref
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import nabla
 from tiny import PRINTABLE, make_lm, make_rm, make_tokenizer
 from nabla import (AheadGrads, NablaConfig, NablaReasoner, Prefix, _keep, accept, ahead_loss_and_grads, align_vocab,
                    chat_prompt_ids, dto, eos_token_ids, onehot_grads, reward_template, sample_top_p, score,
@@ -370,3 +374,335 @@ def test_bad_input_raises_clear_value_errors(tok, lm, rm):
     for prompt in ("", "   ", None):
         with pytest.raises(ValueError, match="non-empty"):
             reasoner.generate(prompt)
+
+
+# ------------------------------------------------------------------------------------------ bf16
+
+
+def _cast(model, dtype):
+    """A copy of the model in another dtype (the fixtures stay fp32)."""
+    copy = type(model)(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    if hasattr(model, "generation_config"):
+        copy.generation_config = model.generation_config
+    return copy.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_invariants_in_fp32_and_bf16(tok, lm, rm, dtype, monkeypatch):
+    """The decoding loop in both precisions: DTO's variable is fp32 and moves, the reward never drops,
+    the reward of the answer is its score, and the score keeps fp32 precision."""
+    lm_d, rm_d = _cast(lm, dtype), _cast(rm, dtype)
+    moved = []
+
+    def spy_dto(z0, full_grad, cfg, first=None, to_logits=lambda x: x):
+        z, n_full, n_cached = real_dto(z0, full_grad, cfg, first, to_logits)
+        assert z0.dtype == torch.float32 and z.dtype == torch.float32
+        moved.append((z - z0).abs().max().item())
+        return z, n_full, n_cached
+
+    real_dto = nabla.dto
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    for seed in range(3):
+        out = NablaReasoner(lm_d, tok, rm_d, tok, FAST).generate(PROMPT, seed=seed)
+        st = out.stats
+        assert st["reward_final"] >= st["reward_initial"]
+        assert st["reward_final"] == pytest.approx(score(rm_d, tok, PROMPT, tok.decode(out.token_ids)), abs=1e-6)
+    assert moved and max(moved) > 1e-3
+    if dtype == torch.bfloat16:  # the score is not rounded to bf16's 8 bits
+        assert torch.tensor(st["reward_final"]).to(torch.bfloat16).item() != st["reward_final"]
+
+
+def test_bf16_gradient_matches_fp32_gradient(tok, lm, rm):
+    """The DTO gradient of the bf16 models is the fp32 one up to bf16 rounding: cosine > 0.99, and the
+    largest entry within 5%. (Measured on these models: cosine 0.9999, 1% off.)"""
+    vocab_map = align_vocab(tok, tok, lm.config.vocab_size)
+    cfg = NablaConfig(likelihood_coeff=0.5)
+    ahead = ids_of(tok, "5. So x=") + [tok.eos_token_id]
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        lm_d, rm_d = _cast(lm, dtype), _cast(rm, dtype)
+        prefix = make_prefix(lm_d, rm_d, tok, tok, vocab_map, "2+3 is ")
+        step = ahead_loss_and_grads(lm_d, rm_d, vocab_map, prefix, ahead, cfg, {tok.eos_token_id})
+        grads.append(onehot_grads(step, torch.arange(len(ahead)), lm_d, rm_d, vocab_map, cfg))
+    g32, g16 = grads
+    assert g16.dtype == torch.float32
+    assert F.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.99
+    assert (g16 - g32).abs().max() < 0.05 * g32.abs().max()
+
+
+def test_reward_head_runs_in_fp32(tok, rm):
+    rm16 = _cast(rm, torch.bfloat16)
+    ids = nabla.reward_ids(tok, PROMPT, "it is 5")
+    hidden = rm16.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+    expected = (hidden.float() @ rm16.score.weight.float().T).item()
+    assert score(rm16, tok, PROMPT, "it is 5") == pytest.approx(expected, abs=1e-6)
+    # and in fp32 it is the model's own logit
+    assert score(rm, tok, PROMPT, "it is 5") == pytest.approx(rm(torch.tensor([ids])).logits[0, 0].item(), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def test_reasoner_freezes_weights_so_autograd_saves_less(tok):
+    lm, rm = make_lm(tok, seed=4), make_rm(tok, seed=5)
+    assert all(p.requires_grad for p in lm.parameters())
+    vocab_map = align_vocab(tok, tok, lm.config.vocab_size)
+    prefix = make_prefix(lm, rm, tok, tok, vocab_map, "2+3 is ")
+    ahead = ids_of(tok, "5. So the answer is 5")
+
+    def saved_bytes():
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ahead_loss_and_grads(lm, rm, vocab_map, prefix, ahead, FAST)
+        return total[0]
+
+    unfrozen = saved_bytes()
+    NablaReasoner(lm, tok, rm, tok, FAST)
+    assert not any(p.requires_grad for p in lm.parameters()) and not any(p.requires_grad for p in rm.parameters())
+    assert saved_bytes() < 0.9 * unfrozen
+
+
+def test_selection_pass_is_released_before_dto(tok, lm, rm, monkeypatch):
+    """The selection pass's [ahead x vocabulary] log-probs (0.6 GB at 1024 x 152k in fp32) are gone
+    before DTO runs its own passes."""
+    live = []
+    real_pass, real_dto = nabla.ahead_loss_and_grads, nabla.dto
+
+    def spy_pass(*args, **kwargs):
+        step = real_pass(*args, **kwargs)
+        live.append(weakref.ref(step.logp))
+        return step
+
+    def spy_dto(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in live), "a selection pass's log-probs are still alive during DTO"
+        return real_dto(*args, **kwargs)
+
+    monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    out = NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=0)
+    assert out.stats["optimized_tokens"] >= 2
+
+
+# ------------------------------------------------------------------------------------------ fast rollouts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+def test_fast_rollout_gives_the_same_tokens(tok, lm, rm, temperature):
+    """Rollouts on the static cache, refilled from the stored prefix, give token for token the same
+    drafts as the default path (fp32, CPU), across revisions that resume from a prefix."""
+    cfg = replace(FAST, max_new_tokens=24, rollout_temperature=temperature)
+    for seed in range(2):
+        a, b = (NablaReasoner(lm, tok, rm, tok, replace(cfg, fast_rollout=f)).generate(PROMPT, seed=seed)
+                for f in (False, True))
+        assert a.stats["revisions_proposed"] >= 2
+        assert a.token_ids == b.token_ids
+        drop_time = lambda st: {k: v for k, v in st.items() if k != "wall_time_s"}
+        assert drop_time(a.stats) == drop_time(b.stats)
+
+
+# ------------------------------------------------------------------------------------------ compute accounting
+
+
+def test_forward_token_equivalents_count_every_token_run(tok, lm, rm, monkeypatch):
+    """1 per token a forward pass runs (prefills included), 3 per token of a pass with a backward."""
+    expected = [0]
+    real_generate, real_pass, real_score = type(lm).generate, nabla.ahead_loss_and_grads, nabla.score_ids
+
+    def spy_generate(self, input_ids, past_key_values=None, **kw):
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        out = real_generate(self, input_ids, past_key_values=past_key_values, **kw)
+        new = out.sequences.shape[1] - input_ids.shape[1]
+        expected[0] += input_ids.shape[1] - int(cached) + max(new - 1, 0)
+        return out
+
+    def spy_pass(lm_, rm_, vmap, prefix, ahead, cfg, eos_ids=()):
+        n_rm = len(ahead) - (ahead[-1] in eos_ids)
+        expected[0] += 3 * (len(prefix.lm_ids) - nabla._kv_len(prefix.lm_kv) + len(ahead))
+        expected[0] += 3 * (len(prefix.rm_ids) - nabla._kv_len(prefix.rm_kv) + n_rm + len(prefix.rm_suffix))
+        return real_pass(lm_, rm_, vmap, prefix, ahead, cfg, eos_ids)
+
+    def spy_score(rm_, ids):
+        expected[0] += len(ids)
+        return real_score(rm_, ids)
+
+    monkeypatch.setattr(type(lm), "generate", spy_generate)
+    monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
+    monkeypatch.setattr(nabla, "score_ids", spy_score)
+    st = NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=0).stats
+    assert st["grad_steps"] >= 3 and st["rollouts"] >= 2
+    assert st["forward_token_equivalents"] == expected[0]
+    assert st["forward_token_equivalents"] > 10 * st["model_calls"]  # what the call count hides
+
+
+# ------------------------------------------------------------------------------------------ the decoding loop, line by line
+
+
+def test_redraw_samples_from_dto_output_with_the_redraw_settings(tok, lm, rm, monkeypatch):
+    """The token is redrawn from DTO's optimized logits (not the LLM's), with the resample temperature,
+    top-p and top-k (not the rollout's)."""
+    cfg = replace(FAST, resample_temperature=0.37, resample_top_p=0.83, resample_top_k=7, lr=0.5)
+    returned, drawn = [], []
+    real_dto, real_sample = nabla.dto, nabla.sample_top_p
+
+    def spy_dto(z0, *args, **kwargs):
+        z, n_full, n_cached = real_dto(z0, *args, **kwargs)
+        returned.append((z0, z))
+        return z, n_full, n_cached
+
+    def spy_sample(logits, temperature, top_p, top_k=0):
+        drawn.append((logits, temperature, top_p, top_k))
+        return real_sample(logits, temperature, top_p, top_k)
+
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    monkeypatch.setattr(nabla, "sample_top_p", spy_sample)
+    NablaReasoner(lm, tok, rm, tok, cfg).generate(PROMPT, seed=0)
+    assert len(drawn) == len(returned) >= 2
+    for (z0, z), (logits, temperature, top_p, top_k) in zip(returned, drawn):
+        assert (temperature, top_p, top_k) == (0.37, 0.83, 7)
+        assert torch.equal(logits, z) and not torch.equal(logits, z0)
+
+
+def test_dto_starts_from_the_selected_positions_logits_with_its_drafted_tokens_gradient(tok, lm, rm, monkeypatch):
+    """z0 is the LLM's log-probabilities at the selected position (checked against a plain forward pass),
+    and the gradient handed over from selection is the one of the drafted token there."""
+    seen, selections = [], []
+    real_pass, real_select, real_dto = nabla.ahead_loss_and_grads, nabla.select_position, nabla.dto
+
+    def spy_pass(lm_, rm_, vmap, prefix, ahead, *args):
+        seen.append((list(prefix.lm_ids), list(ahead)))
+        return real_pass(lm_, rm_, vmap, prefix, ahead, *args)
+
+    def spy_select(step, cfg, grads_of, chunk=64):
+        s, grad = real_select(step, cfg, grads_of, chunk)
+        selections.append((seen[-1], s))
+        return s, grad
+
+    checked = {"differs_from_argmax": 0}
+
+    def spy_dto(z0, full_grad, cfg, first=None, to_logits=lambda x: x):
+        (ids, ahead), s = selections[-1]
+        with torch.no_grad():
+            logits = lm(torch.tensor([ids + ahead])).logits[0, len(ids) - 1 + s]
+        torch.testing.assert_close(z0, logits.log_softmax(-1), rtol=0, atol=1e-4)
+        assert first[0] == ahead[s]
+        torch.testing.assert_close(first[1], full_grad(first[0]), rtol=0, atol=1e-5)
+        checked["differs_from_argmax"] += int(z0.argmax()) != ahead[s]
+        return real_dto(z0, full_grad, cfg, first, to_logits)
+
+    monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
+    monkeypatch.setattr(nabla, "select_position", spy_select)
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    for seed in range(3):
+        NablaReasoner(lm, tok, rm, tok, replace(FAST, confidence_threshold=0.015)).generate(PROMPT, seed=seed)
+    assert checked["differs_from_argmax"] >= 1  # sampled drafts: the drafted token is not always the argmax
+    assert any(s > 0 for _, s in selections)  # and selection sometimes skips tokens
+
+
+def test_prefix_holds_exactly_the_committed_tokens_in_both_vocabularies(tok, lm, monkeypatch):
+    """At every pass the prefix is prompt + committed tokens (a prefix of the final answer) and the reward
+    model's prefix is the same tokens through the vocabulary map (a shuffled one here)."""
+    rm_tok = make_tokenizer(shuffle_seed=3)
+    rm = make_rm(rm_tok)
+    prompt_ids = chat_prompt_ids(tok, PROMPT)
+    before, _ = reward_template(rm_tok, PROMPT)
+    vocab_map = align_vocab(tok, rm_tok, lm.config.vocab_size)
+    prefixes = []
+    real_pass = nabla.ahead_loss_and_grads
+
+    def spy_pass(lm_, rm_, vmap, prefix, *args):
+        prefixes.append((list(prefix.lm_ids), list(prefix.rm_ids)))
+        return real_pass(lm_, rm_, vmap, prefix, *args)
+
+    monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
+    out = NablaReasoner(lm, tok, rm, rm_tok, replace(FAST, max_new_tokens=24)).generate(PROMPT, seed=0)
+    assert out.stats["optimized_tokens"] >= 2
+    final = out.token_ids
+    for lm_ids, rm_ids in prefixes:
+        committed = lm_ids[len(prompt_ids):]
+        assert lm_ids[:len(prompt_ids)] == prompt_ids and committed == final[:len(committed)]
+        assert rm_ids == before + vocab_map[torch.tensor(committed, dtype=torch.long)].tolist()
+    assert max(len(p[0]) for p in prefixes) > len(prompt_ids)
+
+
+def test_selection_thresholds_at_their_boundaries():
+    """The paper skips tokens whose top probability is above the threshold and whose gradient norm is
+    below its threshold: a token exactly at either threshold is optimized."""
+    step = fake_step([0.5])
+    grad = torch.tensor([[3.0, 4.0]])  # norm exactly 5
+    cfg = NablaConfig(confidence_threshold=0.5, grad_norm_threshold=5.0)
+    s, g = select_position(step, cfg, lambda pos: grad)
+    assert s == 0 and torch.equal(g, grad[0])
+    assert select_position(step, replace(cfg, confidence_threshold=0.4999), lambda pos: grad) == (None, None)
+    assert select_position(step, replace(cfg, grad_norm_threshold=5.0001), lambda pos: grad) == (None, None)
+
+
+def test_sample_top_p_follows_temperature_and_top_k():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    gen_draws = 4000
+
+    def frequencies(**kw):
+        torch.manual_seed(0)
+        counts = torch.bincount(torch.tensor([sample_top_p(logits, **kw) for _ in range(gen_draws)]), minlength=5)
+        return counts.float() / gen_draws
+
+    for temperature in (0.5, 2.0):
+        expected = (logits / temperature).softmax(-1)
+        assert (frequencies(temperature=temperature, top_p=1.0) - expected).abs().max() < 0.03
+    top2 = frequencies(temperature=1.0, top_p=1.0, top_k=2)
+    assert top2[2:].sum() == 0 and abs(top2[0] - logits[:2].softmax(-1)[0]) < 0.03
+    # top-k first, then the nucleus of what is left
+    assert (frequencies(temperature=1.0, top_p=0.5, top_k=3) == torch.tensor([1.0, 0, 0, 0, 0])).all()
+
+
+def test_learning_rate_schedule_is_the_authors_clipped_cosine():
+    cfg = NablaConfig()
+    factors = [nabla.lr_factor(t, cfg) for t in range(cfg.dto_iters)]
+    assert factors == [max(0.1, 0.5 * (1 + math.cos(math.pi * t / 20))) for t in range(20)]
+    assert factors[0] == 1.0 and factors[-1] == 0.1 and factors[-4] == 0.1 and factors[-5] > 0.1
+
+
+def test_gradient_norm_threshold_floor_from_the_likelihood_term():
+    """‖c·log π‖₂ ≥ c·√V·ln V for every distribution π (equality at the uniform one): 4.65 at Qwen's
+    152,064 tokens, above the paper's threshold of 4, and 0.018 at the miniature's 29."""
+    c = NablaConfig().likelihood_coeff
+    floor = lambda V: c * math.sqrt(V) * math.log(V)
+    assert floor(152_064) == pytest.approx(4.65, abs=0.01) and floor(29) == pytest.approx(0.018, abs=0.001)
+    gen = torch.Generator().manual_seed(0)
+    for V in (29, 152_064):
+        for sharpness in (0.0, 1.0, 5.0, 20.0):
+            logp = (torch.randn(V, generator=gen, dtype=torch.float64) * sharpness).log_softmax(-1)
+            assert c * logp.norm() >= floor(V) * (1 - 1e-9)
+
+
+def test_reward_splice_mismatch_is_counted_and_warned_for_a_template_that_strips(tok, lm, rm):
+    """A template that trims the response (as Qwen3's strips leading newlines) changes what the reward
+    model reads from text, but not the token splice the loss uses: counted and warned."""
+    stripping = make_tokenizer(chat_template=tok.chat_template.replace("{{ m['content'] }}", "{{ m['content'] | trim }}"))
+    reasoner = NablaReasoner(lm, tok, rm, stripping, FAST)
+    before, after = reward_template(stripping, PROMPT)
+    stats = dict(model_calls=0, forward_token_equivalents=0, reward_splice_mismatches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reasoner._reward(PROMPT, ids_of(tok, "x = 5"), stats, before, after)
+    assert stats["reward_splice_mismatches"] == 0
+    with pytest.warns(UserWarning, match="differently"):
+        reasoner._reward(PROMPT, ids_of(tok, "\nx = 5 "), stats, before, after)
+    assert stats["reward_splice_mismatches"] == 1
+
+
+def test_reward_model_coverage_of_the_response_is_reported(tok, lm):
+    """rm_token_coverage: the share of the answer's tokens the reward model has, by occurrence."""
+    missing = set("qz")
+    rm_tok = make_tokenizer(chars=[c for c in PRINTABLE if c not in missing])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reward model reads text without the missing tokens: warned
+        out = NablaReasoner(lm, tok, make_rm(rm_tok), rm_tok, FAST).generate(PROMPT, seed=0)
+    tokens = tok.convert_ids_to_tokens(out.token_ids)
+    expected = sum(t not in missing for t in tokens) / len(tokens)
+    assert out.stats["rm_token_coverage"] == pytest.approx(expected)
