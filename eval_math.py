@@ -4,7 +4,7 @@
     python eval_math.py --method greedy,sc,bon,nabla        # the paper's comparison table
     torchrun --nproc-per-node 8 eval_math.py --method greedy,sc,bon,nabla   # the same on 8 GPUs
 
-Methods, all with the same length limit and the paper's sampling (temperature 0.6, top-p 0.95):
+Methods, all with the same length limit and the paper's sampling (temperature 0.6, top-p 0.95, top-k 20):
   greedy  one greedy answer
   sc      self-consistency: N samples, majority vote over answers that the grader judges equivalent
   bon     best-of-N: N samples, the one the reward model scores highest
@@ -19,14 +19,17 @@ The file reads top to bottom:
   command line main()
 
 Bad input (a missing or malformed data file, an unknown method, a model that cannot be loaded,
-a shard out of range) ends the run with a one-line message and exit status 2. A problem that fails
-while running (e.g. CUDA out of memory) is recorded with its error and the run goes on; re-running
-the same command retries it and skips everything already done.
+a shard out of range, an output path that cannot be written) ends the run with a one-line message
+and exit status 2. A problem that fails while running (e.g. CUDA out of memory) is recorded with its
+error and the run goes on; re-running the same command retries it and skips everything already done.
+Every record carries the settings it was made with; resuming or merging refuses to mix settings, and
+a run that refuses leaves every file as it was.
 """
 import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -39,7 +42,7 @@ from math_verify import parse, verify
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from nabla import NablaConfig, NablaReasoner, chat_prompt_ids, eos_token_ids, score
+from nabla import NablaConfig, NablaReasoner, chat_prompt_ids, eos_token_ids, reward_head, reward_ids
 
 METHODS = ("greedy", "sc", "bon", "nabla")
 NEEDS_REWARD_MODEL = ("bon", "nabla")
@@ -53,6 +56,12 @@ COUNTING_RULE = (
     "+ for nabla 4 per gradient pass (LM forward, RM forward, LM backward, RM backward), the passes that "
     "select tokens included, as counted by NablaReasoner in stats['model_calls']. greedy and sc make no "
     "reward-model calls. Tokens of a sample are counted up to and including its end-of-sequence token."
+)
+FTE_RULE = (
+    "forward-token-equivalents = 1 per token position a forward pass runs (each sample's prompt prefill, every "
+    "generated token but the last, every token a reward model scores) + 3 per token position of a pass with "
+    "a backward (nabla's gradient passes: a backward costs about two forwards). Policy and reward model count "
+    "alike. Model calls hide that one gradient pass covers the whole ahead span; this count does not."
 )
 ACCURACY_RULE = "correct answers / problems; a problem that failed with an error counts as wrong"
 PAPER_MATH500 = {  # Qwen2.5-7B-Instruct, Skywork-Reward-V2-Qwen3-8B, N = 8 (PAPER.md)
@@ -238,38 +247,78 @@ class Models:
 
 @dataclass
 class Sample:
-    text: str
-    tokens: int  # generated tokens, end-of-sequence included: one forward pass each
+    text: str           # the response, special tokens dropped: what is graded
+    tokens: int         # generated tokens, end-of-sequence included: one forward pass each
+    prompt_tokens: int  # the prefill this sample cost
+    scored_text: str    # the response with any special tokens it wrote: what the reward model reads, as in nabla
 
 
-def sample_responses(models: Models, prompt: str, n: int, seed: int, config: NablaConfig,
-                     greedy: bool = False) -> list[Sample]:
-    """N responses from one `generate` call (num_return_sequences=N), seeded locally."""
+def _pad_id(tokenizer, eos: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+
+
+def sample_batch(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig,
+                 greedy: bool = False) -> list[list[Sample]]:
+    """N responses to each prompt from one `generate` call (num_return_sequences=N), seeded locally.
+
+    Several prompts are left-padded into one batch; greedy answers are the same as one at a time.
+    """
     lm, tokenizer = models.lm, models.lm_tokenizer
     eos = eos_token_ids(lm)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    pad = _pad_id(tokenizer, eos)
     if greedy or config.rollout_temperature <= 0:
         # The global defaults, which greedy decoding ignores: left unset, the model's own sampling
         # defaults would be filled in and trigger "flag ignored" warnings.
         sampling = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
     else:
-        # Every knob explicit: unset fields are filled from the model's generation_config (Qwen's
-        # top_k=20, repetition_penalty=1.05), which would silently change the paper's sampling.
-        sampling = dict(do_sample=True, temperature=config.rollout_temperature, top_p=config.rollout_top_p, top_k=0)
+        # Every knob explicit: unset fields are filled from the model's generation_config (e.g. Qwen's
+        # repetition_penalty=1.05), which would silently change the sampling.
+        sampling = dict(do_sample=True, temperature=config.rollout_temperature, top_p=config.rollout_top_p,
+                        top_k=config.rollout_top_k)
     generation = GenerationConfig(**sampling, repetition_penalty=1.0, num_return_sequences=n,
-                                  max_new_tokens=config.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
-    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=lm.device)
+                                  max_new_tokens=config.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
+                                  cache_implementation="static" if config.fast_rollout else None)
+    rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
     devices = [lm.device] if lm.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):  # leave the caller's random state alone
         torch.manual_seed(seed)
-        out = lm.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+        out = lm.generate(ids, attention_mask=mask, generation_config=generation)
     eos_set, samples = set(eos), []
-    for row in out[:, ids.shape[1]:].tolist():
+    for i, row in enumerate(out[:, width:].tolist()):
         # Shorter samples are padded to the longest; a sample ends at its first end-of-sequence token.
         length = next((k + 1 for k, t in enumerate(row) if t in eos_set), len(row))
-        text = tokenizer.decode([t for t in row[:length] if t not in eos_set], skip_special_tokens=True)
-        samples.append(Sample(text, length))
-    return samples
+        response = [t for t in row[:length] if t not in eos_set]
+        samples.append(Sample(tokenizer.decode(response, skip_special_tokens=True), length, len(rows[i // n]),
+                              tokenizer.decode(response)))
+    return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def sample_responses(models: Models, prompt: str, n: int, seed: int, config: NablaConfig,
+                     greedy: bool = False) -> list[Sample]:
+    """N responses to one prompt."""
+    return sample_batch(models, [prompt], n, seed, config, greedy)[0]
+
+
+@torch.no_grad()
+def score_batch(models: Models, pairs: list[tuple[str, str]], batch: int = 16) -> tuple[list[float], list[int]]:
+    """r(x, y) for (prompt, response) pairs, `batch` at a time, as nabla.score reads it (the last token, an
+    fp32 head); right padding leaves the real tokens' states as they are. Returns the rewards and how many
+    tokens the reward model ran for each."""
+    rm, eos = models.rm, eos_token_ids(models.lm)
+    rows = [reward_ids(models.rm_tokenizer, prompt, response) for prompt, response in pairs]
+    pad, rewards = _pad_id(models.rm_tokenizer, eos), []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=rm.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=rm.device)
+        hidden = rm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = hidden[torch.arange(len(chunk), device=rm.device), mask.sum(-1) - 1]
+        rewards += reward_head(rm, last).tolist()
+    return rewards, [len(r) for r in rows]
 
 
 _reasoner_cache: list = []  # [(lm, rm, config, reasoner)]: building one aligns two vocabularies, so reuse it
@@ -291,9 +340,16 @@ def solve(method: str, prompt: str, models: Models, n: int = 8, seed: int = 0,
 
     n: samples for sc and bon, rollout budget (max_rollouts) for nabla; greedy ignores it.
     config: max_new_tokens and the sampling settings for every method, all of ∇-Reasoner's settings.
-    Returns {"response", "model_calls", "generated_tokens", "wall_time_s", "stats"}; for sc the
-    response is the first sample whose answer won the vote.
+    Returns {"response", "model_calls", "forward_token_equivalents", "generated_tokens", "wall_time_s",
+    "stats"}; for sc the response is the first sample whose answer won the vote.
     """
+    return solve_batch(method, [prompt], models, n, seed, config)[0]
+
+
+def solve_batch(method: str, prompts: list[str], models: Models, n: int = 8, seed: int = 0,
+                config: NablaConfig | None = None) -> list[dict]:
+    """solve() for several prompts. greedy, sc and bon sample them in one batch seeded with `seed` (so sc and
+    bon draw differently than one at a time; greedy does not); ∇-Reasoner runs them one after another."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if n < 1:
@@ -303,27 +359,40 @@ def solve(method: str, prompt: str, models: Models, n: int = 8, seed: int = 0,
     config = config or NablaConfig()
     start = time.perf_counter()
     if method == "nabla":
-        out = get_reasoner(models, dataclasses.replace(config, max_rollouts=n)).generate(prompt, seed=seed)
-        response, calls, tokens, stats = out.text, out.stats["model_calls"], out.stats["generated_tokens"], out.stats
-    else:
-        samples = sample_responses(models, prompt, 1 if method == "greedy" else n, seed, config,
-                                   greedy=method == "greedy")
+        reasoner = get_reasoner(models, dataclasses.replace(config, max_rollouts=n))
+        results = []
+        for prompt in prompts:
+            out = reasoner.generate(prompt, seed=seed)
+            st = out.stats
+            results.append({"response": out.text, "model_calls": st["model_calls"],
+                            "forward_token_equivalents": st["forward_token_equivalents"],
+                            "generated_tokens": st["generated_tokens"], "wall_time_s": st["wall_time_s"], "stats": st})
+        return results
+    batches = sample_batch(models, prompts, 1 if method == "greedy" else n, seed, config, greedy=method == "greedy")
+    if method == "bon":
+        pairs = [(prompt, s.scored_text) for prompt, samples in zip(prompts, batches) for s in samples]
+        rewards, rm_tokens = score_batch(models, pairs)
+    results = []
+    for i, (prompt, samples) in enumerate(zip(prompts, batches)):
         tokens = calls = sum(s.tokens for s in samples)
-        stats = {"sample_tokens": [s.tokens for s in samples]}
-        chosen = 0
+        fte = sum(s.prompt_tokens + max(s.tokens - 1, 0) for s in samples)
+        stats, chosen = {"sample_tokens": [s.tokens for s in samples]}, 0
         if method == "sc":
             parsed = [parse(s.text) for s in samples]
             chosen, groups = _vote(parsed)
             stats.update(answers=[_answer_string(p) for p in parsed], groups=groups)
         elif method == "bon":
-            rewards = [score(models.rm, models.rm_tokenizer, prompt, s.text) for s in samples]
-            calls += len(rewards)
-            chosen = max(range(len(rewards)), key=rewards.__getitem__)  # the first of equal rewards
-            stats.update(rewards=rewards)
+            mine = rewards[i * n:(i + 1) * n]
+            calls += len(mine)
+            fte += sum(rm_tokens[i * n:(i + 1) * n])
+            chosen = max(range(len(mine)), key=mine.__getitem__)  # the first of equal rewards
+            stats.update(rewards=mine)
         stats["chosen"] = chosen
-        response = samples[chosen].text
-    return {"response": response, "model_calls": calls, "generated_tokens": tokens,
-            "wall_time_s": time.perf_counter() - start, "stats": stats}
+        results.append({"response": samples[chosen].text, "model_calls": calls, "forward_token_equivalents": fte,
+                        "generated_tokens": tokens, "stats": stats})
+    for r in results:  # one batch: its time is shared out evenly
+        r["wall_time_s"] = (time.perf_counter() - start) / len(results)
+    return results
 
 
 def problem_seed(base_seed: int, index: int) -> int:
@@ -374,18 +443,29 @@ def _load(loader, name: str, **kwargs):
                          f"or given as a local path") from None
 
 
+def _load_model(loader, name: str, device: torch.device, dtype: torch.dtype):
+    """A model in `dtype`, in eval mode, without weight gradients, on `device`. With the accelerate package
+    installed, the weights go straight to the GPU; without it they pass through host memory first."""
+    try:
+        import accelerate  # noqa: F401  (transformers needs it for device_map)
+    except ImportError:
+        return _load(loader, name, dtype=dtype).to(device).eval().requires_grad_(False)
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}
+    return _load(loader, name, dtype=dtype, **placement).to(device).eval().requires_grad_(False)
+
+
 def load_models(model: str, reward_model: str | None, device: torch.device, dtype: torch.dtype) -> Models:
     """Policy and (if asked for) reward model, in eval mode, without weight gradients, on `device`."""
     tqdm.write(f"loading {model}" + (f" and {reward_model}" if reward_model else "") + f" on {device} ({dtype})",
                file=sys.stderr)
     lm_tokenizer = _load(AutoTokenizer, model)
     _check_chat_template(lm_tokenizer, model)
-    lm = _load(AutoModelForCausalLM, model, dtype=dtype).to(device).eval().requires_grad_(False)
+    lm = _load_model(AutoModelForCausalLM, model, device, dtype)
     rm = rm_tokenizer = None
     if reward_model:
         rm_tokenizer = _load(AutoTokenizer, reward_model)
         _check_chat_template(rm_tokenizer, reward_model)
-        rm = _load(AutoModelForSequenceClassification, reward_model, dtype=dtype).to(device).eval().requires_grad_(False)
+        rm = _load_model(AutoModelForSequenceClassification, reward_model, device, dtype)
         if rm.config.num_labels != 1:
             raise InputError(f"reward model {reward_model!r} has {rm.config.num_labels} outputs; it needs one score")
     return Models(lm, lm_tokenizer, rm, rm_tokenizer)
@@ -468,14 +548,18 @@ def _jsonl(records) -> str:
     return "".join(_to_json(r) + "\n" for r in records)
 
 
-def open_for_resume(path: Path) -> dict[tuple[str, str], dict]:
-    """The finished results in `path`, keyed by (id, method). Records of failed problems (to be retried)
-    and a line cut off by a kill are removed from the file first, so appending keeps it clean."""
+def finished_records(path: Path) -> tuple[dict[tuple[str, str], dict], bool]:
+    """The finished results in `path`, keyed by (id, method), and whether the file needs tidying (records
+    of failed problems, to be retried, or a line cut off by a kill). Reading never changes the file."""
     records, clean = read_records(path)
     finished = {k: r for k, r in best_records(records).items() if r.get("error") is None}
-    if not clean or len(finished) != len(records):
-        write_atomically(path, _jsonl(finished.values()))
-    return finished
+    return finished, not clean or len(finished) != len(records)
+
+
+def tidy_for_resume(path: Path, finished: dict) -> None:
+    """Keep only the finished results, so appending keeps the file clean. Called once the run is known
+    to be the same run: a run that refuses leaves the file as it found it."""
+    write_atomically(path, _jsonl(finished.values()))
 
 
 def append_record(handle, record: dict) -> None:
@@ -489,6 +573,7 @@ def append_record(handle, record: dict) -> None:
 
 
 def summarize(records: list[dict], config: dict) -> dict:
+    config = {**config, "problems": len({r["id"] for r in records})}
     methods = {}
     for method in METHODS:
         rows = [r for r in records if r["method"] == method]
@@ -502,11 +587,12 @@ def summarize(records: list[dict], config: dict) -> dict:
             "accuracy_pct": round(100 * sum(bool(r.get("correct")) for r in rows) / len(rows), 2),
             "errors": len(rows) - len(ok),
             "mean_model_calls": _mean(r["model_calls"] for r in ok),
+            "mean_forward_token_equivalents": _mean(r["forward_token_equivalents"] for r in ok),
             "mean_generated_tokens": _mean(r["generated_tokens"] for r in ok),
             "mean_seconds": _mean(r["wall_time_s"] for r in ok),
             "peak_gpu_memory_gib": round(max(peaks), 2) if peaks else None,
         }
-    return {"methods": methods, "accuracy_rule": ACCURACY_RULE, "counting_rule": COUNTING_RULE,
+    return {"methods": methods, "accuracy_rule": ACCURACY_RULE, "counting_rule": COUNTING_RULE, "fte_rule": FTE_RULE,
             "paper_math500_qwen2.5_7b_instruct_pct": PAPER_MATH500, "config": config}
 
 
@@ -517,13 +603,14 @@ def _mean(values) -> float | None:
 
 def format_table(summary: dict) -> str:
     header = f"{'method':<8}{'problems':>9}{'accuracy':>10}{'errors':>8}{'model calls':>13}" \
-             f"{'tokens':>10}{'seconds':>10}{'peak GPU GiB':>14}"
+             f"{'fwd-tok-eq':>12}{'tokens':>10}{'seconds':>10}{'peak GPU GiB':>14}"
     lines = [header]
     for method, row in summary["methods"].items():
-        cells = [_cell(row["mean_model_calls"], ".1f"), _cell(row["mean_generated_tokens"], ".1f"),
-                 _cell(row["mean_seconds"], ".2f"), _cell(row["peak_gpu_memory_gib"], ".2f")]
+        cells = [_cell(row["mean_model_calls"], ".1f"), _cell(row["mean_forward_token_equivalents"], ".0f"),
+                 _cell(row["mean_generated_tokens"], ".1f"), _cell(row["mean_seconds"], ".2f"),
+                 _cell(row["peak_gpu_memory_gib"], ".2f")]
         lines.append(f"{method:<8}{row['problems']:>9}{row['accuracy_pct']:>9.1f}%{row['errors']:>8}"
-                     f"{cells[0]:>13}{cells[1]:>10}{cells[2]:>10}{cells[3]:>14}")
+                     f"{cells[0]:>13}{cells[1]:>12}{cells[2]:>10}{cells[3]:>10}{cells[4]:>14}")
     return "\n".join(lines)
 
 
@@ -543,12 +630,25 @@ def _method_order(record: dict) -> tuple:
     return record.get("index", 0), METHODS.index(record["method"]) if record["method"] in METHODS else 99
 
 
+def check_same_settings(sources: list[tuple[Path, list[dict]]]) -> None:
+    """Records of one method must all come from the same settings, whichever file holds them."""
+    seen: dict[str, tuple[dict, Path]] = {}
+    for path, records in sources:
+        for record in records:
+            settings = record.get("settings") or {}
+            first = seen.setdefault(record["method"], (settings, path))
+            if settings != first[0]:
+                field = next(k for k in sorted(set(settings) | set(first[0])) if settings.get(k) != first[0].get(k))
+                raise InputError(f"{path} and {first[1]} hold {record['method']} results of different runs ({field}: "
+                                 f"{settings.get(field)!r} vs {first[0].get(field)!r}); nothing was merged")
+
+
 def merge(output: Path, rank_files: list[Path], config: dict | None = None) -> dict:
-    """Combine the shards' files (and what `output` already holds) into `output` and its summary."""
-    records = read_records(output)[0]
-    for path in rank_files:
-        records += read_records(path)[0]
-    combined = sorted(best_records(records).values(), key=_method_order)
+    """Combine the shards' files (and what `output` already holds) into `output` and its summary.
+    Refuses, changing nothing, when the files hold results of different settings."""
+    sources = [(p, read_records(p)[0]) for p in [output, *rank_files]]
+    check_same_settings(sources)
+    combined = sorted(best_records([r for _, records in sources for r in records]).values(), key=_method_order)
     write_atomically(output, _jsonl(combined))
     if config is None:  # --merge: the run's settings come from a shard's summary, when there is one
         summaries = [summary_path(p) for p in rank_files if summary_path(p).exists()]
@@ -559,6 +659,8 @@ def merge(output: Path, rank_files: list[Path], config: dict | None = None) -> d
 
 def merge_dir(directory: Path, output_name: str) -> int:
     """`--merge DIR`: DIR/<stem>.rank*.jsonl into DIR/<stem>.jsonl and DIR/<stem>.jsonl.summary.json."""
+    if not directory.is_dir():
+        raise InputError(f"--merge {directory}: no such folder")
     output = directory / output_name
     pattern = re.compile(re.escape(output.stem) + r"\.rank(\d+)" + re.escape(output.suffix))
     ranked = [(int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.fullmatch(p.name))]
@@ -600,76 +702,134 @@ def resolve_shard(text: str | None, env) -> tuple[int, int]:
     return shard, shards
 
 
-def run_one(problem: Problem, method: str, models: Models, args, config: NablaConfig) -> dict:
-    """One problem with one method, as a result record. A failure becomes the record's error."""
-    record = {"id": problem.id, "index": problem.index, "method": method, **run_fields(problem, method, args),
-              "response": None, "prediction": None, "answer": problem.answer, "correct": False, "model_calls": None,
-              "generated_tokens": None, "wall_time_s": None, "peak_gpu_memory_gib": None, "stats": None,
-              "error": None}
+def run_batch(problems: list[Problem], method: str, models: Models, args, config: NablaConfig,
+              settings: dict) -> list[dict]:
+    """Problems solved with one method, as result records. A failure becomes each record's error."""
+    records = [{"id": p.id, "index": p.index, "method": method, **run_fields(p, args), "settings": settings,
+                "response": None, "prediction": None, "answer": p.answer, "correct": False, "model_calls": None,
+                "forward_token_equivalents": None, "generated_tokens": None, "wall_time_s": None,
+                "peak_gpu_memory_gib": None, "stats": None, "error": None} for p in problems]
     device = models.lm.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        result = solve(method, record["prompt"], models, n=args.n, seed=record["seed"], config=config)
+        results = solve_batch(method, [r["prompt"] for r in records], models, n=args.n, seed=records[0]["seed"],
+                              config=config)
     except Exception as e:  # e.g. CUDA out of memory on one long problem: record it, go on with the rest
-        record.update(error=f"{type(e).__name__}: {first_line(e)}", wall_time_s=time.perf_counter() - start)
+        for record in records:
+            record.update(error=f"{type(e).__name__}: {first_line(e)}",
+                          wall_time_s=(time.perf_counter() - start) / len(records))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     else:
-        record.update(response=result["response"], prediction=extract_answer(result["response"]),
-                      correct=is_correct(result["response"], problem.answer), model_calls=result["model_calls"],
-                      generated_tokens=result["generated_tokens"], wall_time_s=result["wall_time_s"],
-                      stats=result["stats"])
+        for record, result, problem in zip(records, results, problems):
+            record.update(response=result["response"], prediction=extract_answer(result["response"]),
+                          correct=is_correct(result["response"], problem.answer),
+                          **{k: result[k] for k in ("model_calls", "forward_token_equivalents", "generated_tokens",
+                                                    "wall_time_s", "stats")})
     if device.type == "cuda":
-        record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return record
+        for record in records:
+            record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return records
 
 
-def run_fields(problem: Problem, method: str, args) -> dict:
-    """The settings a result depends on; resuming refuses records made with other settings."""
-    return {"prompt": build_prompt(problem.problem, args.prompt_suffix), "seed": problem_seed(args.seed, problem.index),
-            "n": None if method == "greedy" else args.n, "max_new_tokens": args.max_new_tokens, "model": args.model,
-            "reward_model": args.reward_model if method in NEEDS_REWARD_MODEL else None,
-            "grad_norm_threshold": args.grad_norm_threshold if method == "nabla" else None}
+def run_fields(problem: Problem, args) -> dict:
+    """What a result depends on from its problem: the prompt and the problem's seed."""
+    return {"prompt": build_prompt(problem.problem, args.prompt_suffix), "seed": problem_seed(args.seed, problem.index)}
+
+
+def method_settings(method: str, args, config: NablaConfig, dtype: torch.dtype, device: torch.device,
+                    data_hash: str) -> dict:
+    """Everything else a result of this method depends on. Resuming and merging compare it field by field."""
+    settings = {"data_sha256": data_hash, "model": args.model, "max_new_tokens": args.max_new_tokens,
+                "base_seed": args.seed, "prompt_suffix": args.prompt_suffix,
+                "dtype": str(dtype).removeprefix("torch."), "device": device_kind(device)}
+    if method != "greedy":
+        settings.update(n=args.n, temperature=config.rollout_temperature, top_p=config.rollout_top_p,
+                        top_k=config.rollout_top_k)
+    if method in NEEDS_REWARD_MODEL:
+        settings["reward_model"] = args.reward_model
+    if method == "nabla":
+        nabla = dataclasses.asdict(dataclasses.replace(config, max_rollouts=args.n))
+        settings.update({f"nabla.{k}": v for k, v in nabla.items()})
+    else:  # a batch is padded and (for sc and bon) seeded as one
+        settings.update(batch_size=args.batch_size, compile=args.compile)
+    return settings
+
+
+def device_kind(device: torch.device) -> str:
+    """cpu, or cuda and the GPU's name: shards on GPUs 0..7 of one machine are the same kind."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def check_same_run(done: dict, expected: dict, path: Path) -> None:
     """Resuming must not mix runs: a finished record has to come from the same settings as this run."""
     for key, record in done.items():
-        for field, value in expected.get(key, {}).items():
-            if record.get(field) != value:
-                raise InputError(f"{path} holds results of another run ({field} differs for {key[0]} {key[1]}); "
-                                 f"pick another --output or use the same options")
+        if key not in expected:
+            continue
+        want = expected[key]
+        fields = [("prompt", record.get("prompt"), want["prompt"]), ("seed", record.get("seed"), want["seed"])]
+        have = record.get("settings") or {}
+        fields += [(k, have.get(k), want["settings"].get(k)) for k in sorted(set(have) | set(want["settings"]))]
+        for field, old, new in fields:
+            if old != new:
+                raise InputError(f"{path} holds results of another run ({field}: {old!r} in the file, {new!r} now, "
+                                 f"for {key[0]} {key[1]}); pick another --output or use the same options")
+
+
+def prepare_output(output: Path) -> None:
+    """The output's folder, created if needed: a one-line error if that cannot be."""
+    if output.is_dir():
+        raise InputError(f"--output {output}: is a folder; give a file name, e.g. {output / 'math500.jsonl'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--output {output}: cannot create the folder {output.parent} ({first_line(e)})") from None
+    if not os.access(output.parent, os.W_OK):
+        raise InputError(f"--output {output}: the folder {output.parent} is not writable")
 
 
 def evaluate(args) -> int:
     methods = parse_methods(args.method)
     shard, shards = resolve_shard(args.shard, os.environ)
-    for option in ("n", "limit", "max_new_tokens"):
+    for option in ("n", "limit", "max_new_tokens", "batch_size"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise InputError(f"--{option.replace('_', '-')} must be at least 1, not {value}")
+    if args.grad_norm_threshold < 0:
+        raise InputError(f"--grad-norm-threshold must not be negative, not {args.grad_norm_threshold}")
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be 0 (none) or more, not {args.top_k}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     data = Path(args.data) if args.data else math500_from_hub()
     problems = load_problems(data)[: args.limit]
+    data_hash = hashlib.sha256(data.read_bytes()).hexdigest()[:16]
     mine = [p for p in problems if p.index % shards == shard]
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output(output)
     path = shard_path(output, shard, shards)
-    if args.grad_norm_threshold < 0:
-        raise InputError(f"--grad-norm-threshold must not be negative, not {args.grad_norm_threshold}")
-    config = NablaConfig(max_new_tokens=args.max_new_tokens, grad_norm_threshold=args.grad_norm_threshold)
+    config = NablaConfig(max_new_tokens=args.max_new_tokens, grad_norm_threshold=args.grad_norm_threshold,
+                         rollout_top_k=args.top_k, resample_top_k=args.top_k, fast_rollout=args.compile)
+    settings = {m: method_settings(m, args, config, dtype, device, data_hash) for m in methods}
 
-    done = open_for_resume(path)
-    expected = {(p.id, m): run_fields(p, m, args) for p in mine for m in methods}
+    # Everything is checked before any file is changed.
+    done, untidy = finished_records(path)
+    expected = {(p.id, m): {**run_fields(p, args), "settings": settings[m]} for p in mine for m in methods}
     check_same_run(done, expected, path)
+    if shards > 1:  # the merge at the end must not find another run's results
+        others = [output] + [shard_path(output, s, shards) for s in range(shards) if s != shard]
+        check_same_settings([(path, [{"method": m, "settings": settings[m]} for m in methods])]
+                            + [(p, [r for r in read_records(p)[0] if r["method"] in methods]) for p in others])
+    if untidy:
+        tidy_for_resume(path, done)
     done = {key: record for key, record in done.items() if key in expected}  # e.g. beyond this run's --limit
     todo = [(p, m) for p in mine for m in methods if (p.id, m) not in done]
     run_config = {"model": args.model, "reward_model": args.reward_model, "methods": methods, "n": args.n,
-                  "data": str(data), "problems": len(problems), "limit": args.limit, "seed": args.seed,
-                  "prompt_suffix": args.prompt_suffix, "nabla_config": dataclasses.asdict(config),
+                  "data": str(data), "data_sha256": data_hash, "problems": len(problems), "limit": args.limit,
+                  "seed": args.seed, "prompt_suffix": args.prompt_suffix, "top_k": args.top_k,
+                  "batch_size": args.batch_size, "compile": args.compile, "nabla_config": dataclasses.asdict(config),
                   "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                   "dtype": str(dtype).removeprefix("torch."), "shard": f"{shard}/{shards}"}
 
@@ -682,7 +842,7 @@ def evaluate(args) -> int:
             except ValueError as e:
                 raise InputError(f"∇-Reasoner cannot use these models: {first_line(e)}") from None
         label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
-        run_all(todo, done, methods, models, args, config, path, label)
+        run_all(todo, done, methods, models, args, config, settings, path, label)
     else:
         tqdm.write(f"{path}: all {len(expected)} results already there", file=sys.stderr)
 
@@ -693,21 +853,37 @@ def evaluate(args) -> int:
     return 0
 
 
-def run_all(todo, done, methods, models, args, config, path: Path, label: str) -> None:
+def batches(todo: list[tuple[Problem, str]], batch_size: int) -> list[tuple[list[Problem], str]]:
+    """The work in calls of solve_batch: baselines batch_size problems at a time, ∇-Reasoner one at a time.
+    With batches, the baselines go method by method, so that a batch holds one method."""
+    if batch_size == 1:
+        return [([p], m) for p, m in todo]
+    order = sorted(todo, key=lambda pm: (METHODS.index(pm[1]), pm[0].index))
+    out: list[tuple[list[Problem], str]] = []
+    for problem, method in order:
+        if out and out[-1][1] == method != "nabla" and len(out[-1][0]) < batch_size:
+            out[-1][0].append(problem)
+        else:
+            out.append(([problem], method))
+    return out
+
+
+def run_all(todo, done, methods, models, args, config, settings, path: Path, label: str) -> None:
     """Solve what is left, appending each result as soon as it is graded; a bar shows running accuracy."""
     correct = {m: sum(bool(r.get("correct")) for (_, m2), r in done.items() if m2 == m) for m in methods}
     counted = {m: sum(1 for (_, m2) in done if m2 == m) for m in methods}
     bar = tqdm(total=len(todo) + len(done), initial=len(done), desc=label, dynamic_ncols=True)
     with bar, path.open("a", encoding="utf-8") as handle:
-        for problem, method in todo:
-            record = run_one(problem, method, models, args, config)
-            append_record(handle, record)
-            correct[method] += bool(record["correct"])
-            counted[method] += 1
-            if record["error"]:
-                tqdm.write(f"{problem.id} {method}: {record['error']}", file=sys.stderr)
-            bar.set_postfix_str("  ".join(f"{m} {100 * correct[m] / counted[m]:.1f}%" for m in methods if counted[m]))
-            bar.update(1)
+        for problems, method in batches(todo, args.batch_size):
+            for record in run_batch(problems, method, models, args, config, settings[method]):
+                append_record(handle, record)
+                correct[method] += bool(record["correct"])
+                counted[method] += 1
+                if record["error"]:
+                    tqdm.write(f"{record['id']} {method}: {record['error']}", file=sys.stderr)
+                bar.set_postfix_str("  ".join(f"{m} {100 * correct[m] / counted[m]:.1f}%" for m in methods
+                                              if counted[m]))
+                bar.update(1)
 
 
 def merge_if_complete(output: Path, problems: list[Problem], methods: list[str], shards: int,
@@ -733,6 +909,17 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
+def finite_float(text: str) -> float:
+    """A number, and not nan or inf: NaN would reach the results and never equal itself on resuming."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Evaluate ∇-Reasoner and its baselines on MATH-500 (or AIME / AMC).")
     p.add_argument("--method", default="nabla",
@@ -746,9 +933,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="samples for sc and bon, rollout budget for nabla (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="length limit of every response (default 1024, the paper's MATH-500 setting; AIME: 3072)")
-    p.add_argument("--grad-norm-threshold", type=float, default=4.0,
+    p.add_argument("--grad-norm-threshold", type=finite_float, default=4.0,
                    help="∇-Reasoner optimizes a token only if its gradient norm reaches this (default 4, the "
                         "paper's MATH-500 setting; AIME: 8)")
+    p.add_argument("--top-k", type=int, default=20,
+                   help="top-k of every sample, rollout and redraw (default 20: Qwen2.5-7B-Instruct's generation "
+                        "config, which the authors' runs fell back to; 0: none)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="greedy, sc and bon: problems per generate call, left-padded (default 1). Greedy answers "
+                        "do not change; sc and bon seed a batch as one, so their draws depend on the batching")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache for every generate call, which transformers compiles on a GPU "
+                        "(NablaConfig.fast_rollout); off by default until measured on a GPU")
     p.add_argument("--output", default="results/math500.jsonl", help="JSON Lines results; re-running resumes")
     p.add_argument("--seed", type=int, default=0, help="base seed; each problem's seed derives from it")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")

@@ -8,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import eval_math as em
+from nabla import chat_prompt_ids, reward_ids, score
 
 DATA = Path(__file__).parent.parent / "shared" / "data"
 MATH500 = DATA / "math500.jsonl"
@@ -139,7 +141,18 @@ def test_solve_counts_model_calls_and_bon_returns_the_best_scored_sample(tok, lm
     rewards = bon["stats"]["rewards"]
     assert bon["model_calls"] == bon["generated_tokens"] + 3 and len(rewards) == 3
     assert rewards[bon["stats"]["chosen"]] == max(rewards)
-    assert em.score(rm, tok, "What is 2+3?", bon["response"]) == pytest.approx(max(rewards), abs=1e-5)
+    samples = em.sample_responses(models, "What is 2+3?", 3, seed=1, config=config)
+    assert bon["response"] == samples[bon["stats"]["chosen"]].text
+    # batched scoring (right-padded) gives each sample's own score, as nabla.score reads it
+    assert rewards == pytest.approx([score(rm, tok, "What is 2+3?", s.scored_text) for s in samples], abs=1e-5)
+    pairs = [("What is 2+3?", "5"), ("Why?", "because 2+3 is 5, see"), ("What is 2+3?", "")]
+    batched, lengths = em.score_batch(models, pairs, batch=2)  # padded, and split in two batches
+    assert batched == pytest.approx([score(rm, tok, *pair) for pair in pairs], abs=1e-5)
+    assert lengths == [len(reward_ids(tok, *pair)) for pair in pairs]
+    # forward-token-equivalents: each sample's prompt and tokens but the last, and what the RM read
+    prompt_len = len(chat_prompt_ids(tok, "What is 2+3?"))
+    rm_len = sum(len(reward_ids(tok, "What is 2+3?", s.scored_text)) for s in samples)
+    assert bon["forward_token_equivalents"] == sum(prompt_len + t - 1 for t in bon["stats"]["sample_tokens"]) + rm_len
     with pytest.raises(ValueError, match="unknown method"):
         em.solve("beam", "What is 2+3?", models)
 
@@ -193,15 +206,15 @@ def test_every_method_end_to_end_on_three_math500_problems(model_dirs, tmp_path)
 
 @needs_data
 def test_resume_after_an_interrupted_run(model_dirs, tmp_path, monkeypatch):
-    out, calls, real_solve = tmp_path / "out.jsonl", [], em.solve
+    out, calls, real_solve = tmp_path / "out.jsonl", [], em.solve_batch
 
-    def interrupted_solve(*args, **kwargs):
-        calls.append(args[1])
+    def interrupted_solve(method, prompts, *args, **kwargs):
+        calls.extend(prompts)
         if len(calls) == 3:
             raise KeyboardInterrupt  # Ctrl-C (or a kill) in the middle of the third problem
-        return real_solve(*args, **kwargs)
+        return real_solve(method, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(em, "solve", interrupted_solve)
+    monkeypatch.setattr(em, "solve_batch", interrupted_solve)
     with pytest.raises(KeyboardInterrupt):
         run(model_dirs, out, "--prompt-suffix", "Put the answer in \\boxed{}.")
     first_two = out.read_text()
@@ -226,24 +239,31 @@ def test_resume_repairs_what_a_kill_left_at_the_end_of_the_file(tmp_path):
     done = {"id": "a", "method": "greedy", "correct": True, "error": None}
     failed = {"id": "b", "method": "greedy", "correct": False, "error": "RuntimeError: CUDA out of memory"}
     path.write_text(json.dumps(failed) + "\n" + json.dumps(done))  # complete, but its newline never written
-    assert em.open_for_resume(path) == {("a", "greedy"): done}  # the failed problem will be retried
+    before = path.read_text()
+    finished, untidy = em.finished_records(path)
+    assert finished == {("a", "greedy"): done} and untidy  # the failed problem will be retried
+    assert path.read_text() == before  # reading changes nothing
+    em.tidy_for_resume(path, finished)
     assert path.read_text() == json.dumps(done) + "\n"
     path.write_text(json.dumps(done) + "\n" + '{"id": "b", "meth')  # cut off in the middle
-    assert list(em.open_for_resume(path)) == [("a", "greedy")]
+    finished, untidy = em.finished_records(path)
+    assert list(finished) == [("a", "greedy")] and untidy
+    em.tidy_for_resume(path, finished)
     assert path.read_text() == json.dumps(done) + "\n"
+    assert em.finished_records(path)[1] is False
 
 
 @needs_data
 def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(model_dirs, tmp_path, monkeypatch):
-    out, real_solve = tmp_path / "out.jsonl", em.solve
+    out, real_solve = tmp_path / "out.jsonl", em.solve_batch
     second = em.load_problems(MATH500)[1].problem
 
-    def oom_on_second(method, prompt, *args, **kwargs):
-        if prompt == second:
+    def oom_on_second(method, prompts, *args, **kwargs):
+        if second in prompts:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-        return real_solve(method, prompt, *args, **kwargs)
+        return real_solve(method, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(em, "solve", oom_on_second)
+    monkeypatch.setattr(em, "solve_batch", oom_on_second)
     assert run(model_dirs, out) == 0
     records = read_jsonl(out)
     assert [r["error"] for r in records] == [None, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", None]
@@ -251,7 +271,7 @@ def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(mod
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["methods"]["greedy"]["errors"] == 1 and summary["methods"]["greedy"]["problems"] == 3
 
-    monkeypatch.setattr(em, "solve", real_solve)
+    monkeypatch.setattr(em, "solve_batch", real_solve)
     assert run(model_dirs, out) == 0
     records = read_jsonl(out)
     assert len(records) == 3 and all(r["error"] is None for r in records)
@@ -263,11 +283,11 @@ def test_resume_refuses_results_of_other_settings(model_dirs, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert run(model_dirs, out, limit=1) == 0
     assert run(model_dirs, out, limit=1, tokens=5) == 2
-    assert "max_new_tokens differs" in capsys.readouterr().err
+    assert "max_new_tokens: 4 in the file, 5 now" in capsys.readouterr().err
     out = tmp_path / "nabla.jsonl"
     assert run(model_dirs, out, methods="nabla", limit=1) == 0
     assert run(model_dirs, out, "--grad-norm-threshold", "8", methods="nabla", limit=1) == 2
-    assert "grad_norm_threshold differs" in capsys.readouterr().err
+    assert "nabla.grad_norm_threshold: 4.0 in the file, 8.0 now" in capsys.readouterr().err
     assert run(model_dirs, out, "--grad-norm-threshold", "-1", methods="nabla", limit=1) == 2
     assert "--grad-norm-threshold must not be negative" in capsys.readouterr().err
 
@@ -343,6 +363,14 @@ BAD_INPUTS = {
     "unknown device": (lambda d: ["--device", "tpu9"], "not a device"),
     "merge without shard files": (lambda d: ["--merge", str(d)], "no math500.rank*.jsonl files"),
     "garbage output file": (lambda d: ["--output", _write(d / "out.jsonl", "hello\n{}\n")], "out.jsonl line 1: not a result record"),
+    "output under a regular file": (lambda d: ["--output", _write(d / "afile", "x") + "/o.jsonl"], "cannot create the folder"),
+    "output under an uncreatable path": (lambda d: ["--output", "/proc/no-such-dir/o.jsonl"], "cannot create the folder"),
+    "output names a folder": (lambda d: ["--output", str(d)], "is a folder"),
+    "merge of a missing folder": (lambda d: ["--merge", str(d / "nope")], "no such folder"),
+    "nan threshold": (lambda d: ["--grad-norm-threshold", "nan"], "must be a finite number"),
+    "infinite threshold": (lambda d: ["--grad-norm-threshold", "inf"], "must be a finite number"),
+    "negative top-k": (lambda d: ["--top-k", "-1"], "--top-k must be 0"),
+    "batch size of zero": (lambda d: ["--batch-size", "0"], "--batch-size must be at least 1"),
 }
 
 
@@ -405,3 +433,153 @@ def test_command_line_offline_hub_model_exits_2_without_traceback(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("eval_math.py: error: cannot load model 'no-such-org/no-such-model'")
     assert "downloaded" in last and "local path" in last
+
+
+# ----------------------------------------------------------------------------------------------
+# Results are never lost or mixed
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@needs_data
+def test_a_refused_run_leaves_every_file_as_it_was(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out) == 0
+    record = dict(read_jsonl(out)[0], error="RuntimeError: CUDA out of memory", correct=False)
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")  # a failed attempt, to be retried by the same run
+    before = snapshot(tmp_path)
+    assert len(out.read_text().splitlines()) == 4
+    assert run(model_dirs, out, tokens=5) == 2
+    assert "max_new_tokens" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+@needs_data
+def test_shards_refuse_to_merge_with_another_runs_results(model_dirs, tmp_path, capsys):
+    """The issue's repro: an unsharded run, then two shards of other settings on the same --output."""
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out, limit=5, tokens=4) == 0
+    before = snapshot(tmp_path)
+    assert run(model_dirs, out, "--shard", "0/2", limit=3, tokens=9) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "max_new_tokens" in err and "math500.jsonl" in err
+    assert snapshot(tmp_path) == before
+
+
+@needs_data
+def test_merge_refuses_shards_of_two_runs_and_changes_nothing(model_dirs, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(model_dirs, a / "math500.jsonl", "--shard", "0/2", tokens=4) == 0
+    assert run(model_dirs, b / "math500.jsonl", "--shard", "1/2", tokens=9) == 0
+    (a / "math500.rank1.jsonl").write_bytes((b / "math500.rank1.jsonl").read_bytes())
+    before = snapshot(a)
+    assert em.main(["--merge", str(a)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "max_new_tokens: 9 vs 4" in err and "math500.rank1.jsonl" in err and "nothing was merged" in err
+    assert snapshot(a) == before and not (a / "math500.jsonl").exists()
+
+
+@needs_data
+@pytest.mark.parametrize("method, option, field", [
+    ("greedy", ["--dtype", "bfloat16"], "dtype"),
+    ("sc", ["--top-k", "5"], "top_k"),
+    ("greedy", ["--batch-size", "2"], "batch_size"),
+    ("nabla", ["--top-k", "5"], "nabla.resample_top_k"),
+    ("nabla", ["--compile"], "nabla.fast_rollout"),
+])
+def test_each_result_records_the_settings_it_depends_on(model_dirs, tmp_path, capsys, method, option, field):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, methods=method, limit=1) == 0
+    settings = read_jsonl(out)[0]["settings"]
+    assert settings["dtype"] == "float32" and settings["device"] == "cpu" and settings["base_seed"] == 0
+    if method != "greedy":
+        assert (settings["temperature"], settings["top_p"], settings["top_k"]) == (0.6, 0.95, 20)
+    assert run(model_dirs, out, *option, methods=method, limit=1) == 2
+    assert f"({field}: " in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16, batches and the fast path
+
+
+@needs_data
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_method_runs_in_fp32_and_bf16(model_dirs, tmp_path, dtype):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, "--dtype", dtype, "--grad-norm-threshold", "0", methods="greedy,sc,bon,nabla",
+               limit=2, tokens=6) == 0
+    records = read_jsonl(out)
+    assert len(records) == 8 and all(r["error"] is None for r in records)
+    assert {r["settings"]["dtype"] for r in records} == {dtype}
+    for r in records:
+        assert r["forward_token_equivalents"] > r["model_calls"] > 0
+        if r["method"] == "nabla":
+            assert r["stats"]["reward_final"] >= r["stats"]["reward_initial"]
+            assert r["stats"]["grad_steps"] >= 1
+        if r["method"] == "bon":  # rewards from the fp32 head: distinct, not bf16-rounded ties
+            assert len(set(r["stats"]["rewards"])) == 2
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert summary["methods"]["nabla"]["mean_forward_token_equivalents"] > summary["methods"]["bon"]["mean_forward_token_equivalents"]
+
+
+@needs_data
+def test_batched_greedy_is_token_identical_to_one_at_a_time(model_dirs, tmp_path):
+    one, batched = tmp_path / "one.jsonl", tmp_path / "batched.jsonl"
+    assert run(model_dirs, one, methods="greedy,sc,bon", limit=5, tokens=12) == 0
+    assert run(model_dirs, batched, "--batch-size", "3", methods="greedy,sc,bon", limit=5, tokens=12) == 0
+    by_key = lambda path: {(r["id"], r["method"]): r for r in read_jsonl(path)}
+    a, b = by_key(one), by_key(batched)
+    assert set(a) == set(b) and len(a) == 15
+    for key in a:
+        assert b[key]["error"] is None
+        if key[1] == "greedy":
+            assert b[key]["response"] == a[key]["response"]
+            assert b[key]["forward_token_equivalents"] == a[key]["forward_token_equivalents"]
+        else:
+            assert len(b[key]["stats"]["sample_tokens"]) == 2
+    prompts = {len(r["prompt"]) for r in read_jsonl(one)}
+    assert len(prompts) > 1  # prompts of different lengths, so the batches were left-padded
+
+
+def test_batches_group_one_baseline_method_at_a_time_and_nabla_alone():
+    problems = [em.Problem(i, str(i), "p", "1") for i in range(5)]
+    todo = [(p, m) for p in problems for m in ("greedy", "nabla", "bon")]
+    got = [([p.index for p in ps], m) for ps, m in em.batches(todo, 2)]
+    assert got == [([0, 1], "greedy"), ([2, 3], "greedy"), ([4], "greedy"), ([0, 1], "bon"), ([2, 3], "bon"),
+                   ([4], "bon")] + [([i], "nabla") for i in range(5)]
+    assert em.batches(todo, 1) == [([p], m) for p, m in todo]
+
+
+@needs_data
+def test_compile_switch_gives_the_same_answers_on_cpu(model_dirs, tmp_path):
+    """--compile (a static KV cache; compiled on a GPU only) changes no token in fp32 on CPU."""
+    plain, fast = tmp_path / "plain.jsonl", tmp_path / "fast.jsonl"
+    for out, extra in ((plain, []), (fast, ["--compile"])):
+        assert run(model_dirs, out, "--grad-norm-threshold", "0", *extra, methods="greedy,bon,nabla", limit=2,
+                   tokens=10) == 0
+    for a, b in zip(read_jsonl(plain), read_jsonl(fast)):
+        assert (a["id"], a["method"], a["response"]) == (b["id"], b["method"], b["response"])
+        assert a["error"] is None and b["error"] is None
+
+
+def test_models_load_straight_onto_the_gpu_when_accelerate_is_installed(model_dirs, monkeypatch):
+    loaded = []
+    real_load = em._load
+
+    def spy(loader, name, **kwargs):
+        loaded.append(kwargs)
+        return real_load(loader, name, **{k: v for k, v in kwargs.items() if k != "device_map"})
+
+    monkeypatch.setattr(em, "_load", spy)
+    monkeypatch.setitem(sys.modules, "accelerate", types.ModuleType("accelerate"))
+    model = em._load_model(em.AutoModelForCausalLM, model_dirs[0], torch.device("cpu"), torch.bfloat16)
+    assert loaded[-1] == {"dtype": torch.bfloat16} and model.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in model.parameters())
+    # on a GPU the weights are placed at load (device_map), not copied there afterwards
+    device = torch.device("cuda", 1)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    em._load_model(em.AutoModelForCausalLM, model_dirs[0], device, torch.bfloat16)
+    assert loaded[-1] == {"dtype": torch.bfloat16, "device_map": "cuda:1"}
