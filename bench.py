@@ -40,11 +40,21 @@ What is measured:
    grad_norm_threshold=0 (every unsure token is optimized); everything else is the paper's setting.
 
 3. Rollouts: tokens per second of NablaReasoner._rollout (HF generate on a cache built from the stored
-   prefix KV) and of plain model.generate from scratch, with the same prefix, length and sampling.
+   prefix KV), of the same with fast_rollout=True (a static cache, which generate compiles on a GPU) and
+   of plain model.generate from scratch, with the same prefix, length and sampling; and the time of one
+   reward-model scoring of prompt + committed + ahead tokens.
+
+4. With --tokens-from SUMMARY (the summary eval_math.py writes, from a run of the real models on a few
+   problems): the projected single-GPU hours of the whole table, per method,
+       hours = problems x (tokens / rollout tokens/s + grad passes x DTO step s + scorings x scoring s) / 3600
+   with each method's mean tokens, gradient passes and reward scorings per problem from the summary, and
+   the rates measured here. Tokens are generated one sequence at a time, so sc and bon, which generate
+   their N samples as one batch, are overestimated; a DTO pass is timed at this run's lengths.
 """
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -457,7 +467,12 @@ def parse_args(argv=None):
                    help="torch CPU threads (default on CPU: 1, see the module docstring; on CUDA: torch's choice)")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak, if the device is not known")
     p.add_argument("--peak-tbps", type=float, default=None, help="GPU memory bandwidth in TB/s, if not known")
+    p.add_argument("--tokens-from", metavar="SUMMARY", default=None,
+                   help="an eval_math.py summary JSON: project the table's single-GPU hours from its per-problem means")
+    p.add_argument("--problems", type=int, default=500, help="problems in the projected table (default 500)")
     args = p.parse_args(argv)
+    if args.tokens_from and not os.path.isfile(args.tokens_from):
+        p.error(f"--tokens-from {args.tokens_from}: no such file (an eval_math.py *.summary.json)")
     if args.prompt < 1 or args.committed < 0 or args.ahead < 1:
         p.error("need --prompt >= 1, --committed >= 0, --ahead >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -567,6 +582,40 @@ def rollout_section(lm, tok, x: StepInputs, args, peak_tbps: float | None) -> tu
     return record, lines
 
 
+def score_seconds(rm, x: StepInputs, repeats: int, device: str) -> float:
+    """One reward-model scoring of the whole conversation, as NablaReasoner and best-of-N score a draft."""
+    ids = x.prefix.rm_ids + [int(t) for t in x.vocab_map[torch.tensor(x.ahead)]] + x.rm_suffix
+    return median_times({"score": lambda: nabla.score_ids(rm, ids)}, repeats, device)["score"]
+
+
+def projected_hours(summary: dict, rates: dict, step_s: float, score_s: float, problems: int) -> dict:
+    """hours = problems x (tokens / rate + grad passes x step + scorings x scoring) / 3600, per method and
+    rollout path, from the summary's per-problem means."""
+    hours = {}
+    for method, row in summary["methods"].items():
+        tokens, passes, scores = (row.get(k) or 0 for k in ("mean_generated_tokens", "mean_grad_passes",
+                                                            "mean_reward_scores"))
+        hours[method] = {path: problems * (tokens / rates[path] + passes * step_s + scores * score_s) / 3600
+                         for path in ("ours", "fast")}
+    return hours
+
+
+def projection_section(record: dict, args) -> list[str]:
+    summary = json.loads(open(args.tokens_from).read())
+    hours = projected_hours(summary, record["rollout_tokens_per_s"], record["dto_step_ms"]["ours"] / 1e3,
+                            record["score_ms"] / 1e3, args.problems)
+    record["projected_hours"] = hours
+    lines = ["", f"projected single-GPU hours for {args.problems} problems, per-problem means from {args.tokens_from}",
+             f"  {'method':8s} {'tokens':>8s} {'grad passes':>12s} {'scorings':>9s} {'hours':>8s} {'fast':>8s}"]
+    for method, h in hours.items():
+        row = summary["methods"][method]
+        lines.append(f"  {method:8s} {row.get('mean_generated_tokens') or 0:8.0f} {row.get('mean_grad_passes') or 0:12.1f} "
+                     f"{row.get('mean_reward_scores') or 0:9.1f} {h['ours']:8.1f} {h['fast']:8.1f}")
+    lines.append(f"  table: {sum(h['ours'] for h in hours.values()):.1f} h, "
+                 f"{sum(h['fast'] for h in hours.values()):.1f} h with fast rollouts")
+    return lines
+
+
 @torch.no_grad()  # only the DTO steps take gradients, and they switch them on themselves
 def run(args) -> tuple[dict, list[str]]:
     """Everything, in order; returns the JSON record and the table's lines."""
@@ -595,6 +644,11 @@ def run(args) -> tuple[dict, list[str]]:
     for part, part_lines in sections:
         record |= part
         lines += part_lines
+    record["score_ms"] = score_seconds(rm, x, args.repeats, args.device) * 1e3
+    lines.append(f"  one reward-model scoring of {len(x.prefix.rm_ids) + len(x.ahead) + len(x.rm_suffix)} tokens: "
+                 f"{record['score_ms']:.1f} ms")
+    if args.tokens_from:
+        lines += projection_section(record, args)
 
     record["wall_s"] = time.perf_counter() - wall
     lines += ["", f"dto_step_speedup {record['dto_step_speedup']:.2f}x; wall time {record['wall_s']:.0f} s"]

@@ -69,3 +69,19 @@ def test_main_prints_a_table_then_one_json_line(capsys):
     assert record["rollout_tokens_per_s"]["ours"] > 0 and record["rollout_tokens_per_s"]["plain"] > 0
     assert record["peak_memory_gb"] is None and record["dto_mfu"] is None  # CUDA only
     assert any("DTO gradient step" in line for line in lines)
+
+
+def test_projected_hours_follow_the_formula(capsys, tmp_path):
+    summary = {"methods": {
+        "greedy": {"mean_generated_tokens": 600, "mean_grad_passes": 0, "mean_reward_scores": 0},
+        "bon": {"mean_generated_tokens": 4800, "mean_grad_passes": 0, "mean_reward_scores": 8},
+        "nabla": {"mean_generated_tokens": 2500, "mean_grad_passes": 40, "mean_reward_scores": 6}}}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(summary))
+    record = bench.main(["--size", "tiny", "--prompt", "6", "--committed", "10", "--ahead", "8", "--repeats", "1",
+                         "--tokens-from", str(path), "--problems", "500"])
+    rate, step, scoring = record["rollout_tokens_per_s"]["ours"], record["dto_step_ms"]["ours"] / 1e3, record["score_ms"] / 1e3
+    assert record["projected_hours"]["nabla"]["ours"] == pytest.approx(500 * (2500 / rate + 40 * step + 6 * scoring) / 3600)
+    assert record["projected_hours"]["greedy"]["fast"] == pytest.approx(
+        500 * 600 / record["rollout_tokens_per_s"]["fast"] / 3600)
+    assert "projected single-GPU hours" in capsys.readouterr().out

@@ -589,11 +589,20 @@ def summarize(records: list[dict], config: dict) -> dict:
             "mean_model_calls": _mean(r["model_calls"] for r in ok),
             "mean_forward_token_equivalents": _mean(r["forward_token_equivalents"] for r in ok),
             "mean_generated_tokens": _mean(r["generated_tokens"] for r in ok),
+            "mean_grad_passes": _mean((r["stats"] or {}).get("grad_steps", 0) for r in ok),
+            "mean_reward_scores": _mean(_reward_scores(r) for r in ok),
             "mean_seconds": _mean(r["wall_time_s"] for r in ok),
             "peak_gpu_memory_gib": round(max(peaks), 2) if peaks else None,
         }
     return {"methods": methods, "accuracy_rule": ACCURACY_RULE, "counting_rule": COUNTING_RULE, "fte_rule": FTE_RULE,
             "paper_math500_qwen2.5_7b_instruct_pct": PAPER_MATH500, "config": config}
+
+
+def _reward_scores(record: dict) -> int:
+    """How many drafts the reward model scored: bon's samples, or nabla's first draft and proposals."""
+    stats = record["stats"] or {}
+    return len(stats.get("rewards", [])) if record["method"] == "bon" else stats.get("rollouts", 0) * (
+        record["method"] == "nabla" and record["settings"].get("reward_model") is not None)
 
 
 def _mean(values) -> float | None:

@@ -523,6 +523,10 @@ def test_every_method_runs_in_fp32_and_bf16(model_dirs, tmp_path, dtype):
             assert len(set(r["stats"]["rewards"])) == 2
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["methods"]["nabla"]["mean_forward_token_equivalents"] > summary["methods"]["bon"]["mean_forward_token_equivalents"]
+    nabla_rows = [r for r in records if r["method"] == "nabla"]
+    assert summary["methods"]["bon"]["mean_reward_scores"] == 2 and summary["methods"]["sc"]["mean_reward_scores"] == 0
+    assert summary["methods"]["nabla"]["mean_reward_scores"] == sum(r["stats"]["rollouts"] for r in nabla_rows) / 2
+    assert summary["methods"]["nabla"]["mean_grad_passes"] == sum(r["stats"]["grad_steps"] for r in nabla_rows) / 2
 
 
 @needs_data
