@@ -14,14 +14,14 @@ The file reads top to bottom in the order of the paper:
   NablaConfig               the paper's MATH-500 settings
   straight_through_onehot   Differentiable Textual Optimization (DTO): hard one-hot forward, softmax backward
   align_vocab               a reward model with another tokenizer, aligned to the LLM by token string
-  chat_prompt_ids, reward_template, score
+  chat_prompt_ids, reward_template, reward_head, score
                             the prompt in each model's chat template; r(x, y) for a whole response
   Prefix, ahead_loss_and_grads
                             the DTO loss  L = -λ r(x, y_<t ⊕ ŷ) - c Σ_s log π(ŷ_s | x, y_<t, ŷ_<s)
                             over the ahead span, run on KV caches of the fixed prefix
   onehot_grads              ∂L/∂ŷ_s: the gradient with respect to each ahead token's one-hot
   select_position           token selection: skip confident tokens and tokens with small gradients
-  dto                       DTO itself: Adam with cosine decay on one position, with gradient caching
+  lr_factor, dto            DTO itself: Adam with cosine decay on one position, with gradient caching
   sample_top_p, accept      redraw the optimized token; rejection sampling by the reward model
   NablaReasoner.generate    the decoding loop: draft, select, optimize, redraw, roll out, accept
 
