@@ -307,9 +307,11 @@ def score_batch(models: Models, pairs: list[tuple[str, str]], batch: int = 16) -
     """r(x, y) for (prompt, response) pairs, `batch` at a time, as nabla.score reads it (the last token, an
     fp32 head); right padding leaves the real tokens' states as they are. Returns the rewards and how many
     tokens the reward model ran for each."""
-    rm, eos = models.rm, eos_token_ids(models.lm)
-    rows = [reward_ids(models.rm_tokenizer, prompt, response) for prompt, response in pairs]
-    pad, rewards = _pad_id(models.rm_tokenizer, eos), []
+    rm, tokenizer = models.rm, models.rm_tokenizer
+    rows = [reward_ids(tokenizer, prompt, response) for prompt, response in pairs]
+    # Any id of the reward model's own vocabulary will do: padded positions are masked and never read.
+    pad = next((p for p in (tokenizer.pad_token_id, rm.config.pad_token_id) if p is not None), 0)
+    rewards = []
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         width = max(map(len, chunk))
@@ -357,6 +359,8 @@ def solve_batch(method: str, prompts: list[str], models: Models, n: int = 8, see
     if method == "bon" and models.rm is None:
         raise ValueError("best-of-N needs a reward model")
     config = config or NablaConfig()
+    if method in ("sc", "bon") and config.rollout_temperature <= 0 and n > 1:
+        raise ValueError(f"{method} with n > 1 needs sampling (rollout_temperature > 0): greedy samples are all alike")
     start = time.perf_counter()
     if method == "nabla":
         reasoner = get_reasoner(models, dataclasses.replace(config, max_rollouts=n))
@@ -652,9 +656,10 @@ def check_same_settings(sources: list[tuple[Path, list[dict]]]) -> None:
                                  f"{settings.get(field)!r} vs {first[0].get(field)!r}); nothing was merged")
 
 
-def merge(output: Path, rank_files: list[Path], config: dict | None = None) -> dict:
+def merge(output: Path, rank_files: list[Path], config: dict | None = None, keys: set | None = None) -> dict:
     """Combine the shards' files (and what `output` already holds) into `output` and its summary.
-    Refuses, changing nothing, when the files hold results of different settings."""
+    Refuses, changing nothing, when the files hold results of different settings. With `keys`, the
+    summary covers those (id, method) results only; the file keeps every result."""
     sources = [(p, read_records(p)[0]) for p in [output, *rank_files]]
     check_same_settings(sources)
     combined = sorted(best_records([r for _, records in sources for r in records]).values(), key=_method_order)
@@ -663,6 +668,8 @@ def merge(output: Path, rank_files: list[Path], config: dict | None = None) -> d
         summaries = [summary_path(p) for p in rank_files if summary_path(p).exists()]
         config = json.loads(summaries[0].read_text())["config"] if summaries else {}
     config = {**config, "shard": None, "merged_from": [str(p) for p in rank_files]}
+    if keys is not None:
+        combined = [r for r in combined if (r["id"], r["method"]) in keys]
     return write_summary(output, combined, config)
 
 
@@ -725,6 +732,9 @@ def run_batch(problems: list[Problem], method: str, models: Models, args, config
     try:
         results = solve_batch(method, [r["prompt"] for r in records], models, n=args.n, seed=records[0]["seed"],
                               config=config)
+        if len(records) > 1:  # the batch was drawn as one: say with which seed and beside which problems
+            for record in records:
+                record["batch"] = {"seed": records[0]["seed"], "ids": [r["id"] for r in records]}
     except Exception as e:  # e.g. CUDA out of memory on one long problem: record it, go on with the rest
         for record in records:
             record.update(error=f"{type(e).__name__}: {first_line(e)}",
@@ -906,7 +916,7 @@ def merge_if_complete(output: Path, problems: list[Problem], methods: list[str],
             tqdm.write(f"shard {s} is not finished yet; the last shard to finish (or --merge "
                        f"{output.parent}) writes {output}", file=sys.stderr)
             return
-    merge(output, rank_files, config)
+    merge(output, rank_files, config, keys={(p.id, m) for p in problems for m in methods})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,6 +149,16 @@ def test_solve_counts_model_calls_and_bon_returns_the_best_scored_sample(tok, lm
     batched, lengths = em.score_batch(models, pairs, batch=2)  # padded, and split in two batches
     assert batched == pytest.approx([score(rm, tok, *pair) for pair in pairs], abs=1e-5)
     assert lengths == [len(reward_ids(tok, *pair)) for pair in pairs]
+    # a reward tokenizer without a pad token, beside a policy whose end-of-sequence id the reward model
+    # lacks: padding uses the reward model's own pad id
+    rm_tok = copy.deepcopy(tok)
+    rm_tok.pad_token = None
+    other_lm = copy.deepcopy(lm)
+    other_lm.generation_config.eos_token_id = [10_000]
+    batched, _ = em.score_batch(em.Models(other_lm, tok, rm, rm_tok), pairs, batch=3)
+    assert batched == pytest.approx([score(rm, tok, *pair) for pair in pairs], abs=1e-5)
+    with pytest.raises(ValueError, match="needs sampling"):
+        em.solve("sc", "What is 2+3?", models, n=2, config=em.NablaConfig(rollout_temperature=0.0))
     # forward-token-equivalents: each sample's prompt and tokens but the last, and what the RM read
     prompt_len = len(chat_prompt_ids(tok, "What is 2+3?"))
     rm_len = sum(len(reward_ids(tok, "What is 2+3?", s.scored_text)) for s in samples)
@@ -546,6 +556,10 @@ def test_batched_greedy_is_token_identical_to_one_at_a_time(model_dirs, tmp_path
             assert len(b[key]["stats"]["sample_tokens"]) == 2
     prompts = {len(r["prompt"]) for r in read_jsonl(one)}
     assert len(prompts) > 1  # prompts of different lengths, so the batches were left-padded
+    first_batch = [r for r in read_jsonl(batched) if r["method"] == "sc"][:3]
+    assert all(r["batch"] == {"seed": first_batch[0]["seed"], "ids": [x["id"] for x in first_batch]}
+               for r in first_batch)
+    assert all("batch" not in r for r in read_jsonl(one))
 
 
 def test_batches_group_one_baseline_method_at_a_time_and_nabla_alone():
@@ -587,3 +601,16 @@ def test_models_load_straight_onto_the_gpu_when_accelerate_is_installed(model_di
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
     em._load_model(em.AutoModelForCausalLM, model_dirs[0], device, torch.bfloat16)
     assert loaded[-1] == {"dtype": torch.bfloat16, "device_map": "cuda:1"}
+
+
+@needs_data
+def test_merged_summary_covers_this_runs_problems_and_the_file_keeps_every_result(model_dirs, tmp_path):
+    out = tmp_path / "math500.jsonl"
+    for shard in ("0/2", "1/2"):
+        assert run(model_dirs, out, "--shard", shard, limit=4) == 0
+    assert len(read_jsonl(out)) == 4
+    for shard in ("0/2", "1/2"):  # everything is done; the last shard merges again
+        assert run(model_dirs, out, "--shard", shard, limit=2) == 0
+    summary = json.loads((tmp_path / "math500.jsonl.summary.json").read_text())
+    assert summary["methods"]["greedy"]["problems"] == 2 and summary["config"]["problems"] == 2
+    assert len(read_jsonl(out)) == 4

@@ -547,7 +547,11 @@ class NablaReasoner:
         """The static cache, refilled with the prefix. Its size is rounded up, so a compiled decode step is
         reused across rollouts and problems instead of being compiled again for every length."""
         if self._static is None or self._static.layers[0].max_cache_len < length:
-            self._static = StaticCache(config=self.lm.config, max_cache_len=256 * math.ceil(length / 256))
+            size = 256 * math.ceil(length / 256)
+            self._static = StaticCache(config=self.lm.config, max_cache_len=size)
+            if any(layer.max_cache_len < size for layer in self._static.layers):
+                raise ValueError("fast_rollout needs full attention in every layer: this model has sliding-window "
+                                 "layers, whose static cache is a ring buffer that the stored prefix cannot refill")
         self._static.reset()
         for layer, (k, v) in enumerate(kv):
             self._static.update(k, v, layer)

@@ -706,3 +706,14 @@ def test_reward_model_coverage_of_the_response_is_reported(tok, lm):
     tokens = tok.convert_ids_to_tokens(out.token_ids)
     expected = sum(t not in missing for t in tokens) / len(tokens)
     assert out.stats["rm_token_coverage"] == pytest.approx(expected)
+
+
+def test_fast_rollout_refuses_sliding_window_models(tok):
+    from transformers import Qwen2ForCausalLM
+    from tiny import tiny_config
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(tiny_config(tok, 64, 2, use_sliding_window=True, sliding_window=16,
+                                      max_window_layers=0)).eval()
+    reasoner = NablaReasoner(lm, tok, None, None, replace(FAST, fast_rollout=True))
+    with pytest.raises(ValueError, match="sliding-window"):
+        reasoner.generate(PROMPT)
