@@ -1,13 +1,15 @@
 """Tests of eval_math.py on CPU: the grader on MATH-500's gold answers, every method end to end with
 the tiny models of tiny.py saved to a temporary folder, resuming, sharding and every bad-input error.
 
-Tests that read ../shared/data are skipped, with the reason, when that folder is absent.
+The grader test reads MATH-500 from ../shared/data and is skipped, with the reason, when that folder is absent;
+the end-to-end tests use MATH-500 when it is there and a few synthetic problems in its schema otherwise.
 """
 import copy
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -20,6 +22,32 @@ from nabla import chat_prompt_ids, reward_ids, score
 DATA = Path(__file__).parent.parent / "shared" / "data"
 MATH500 = DATA / "math500.jsonl"
 needs_data = pytest.mark.skipif(not MATH500.exists(), reason=f"{MATH500} is absent (the shared data folder)")
+# MATH-style problems in MATH-500's schema, for the end-to-end tests when the shared data folder is absent.
+SYNTHETIC = [
+    {"problem": "What is $2+3$?", "answer": "5", "unique_id": "test/algebra/1.json"},
+    {"problem": "Compute $\\frac{14}{3} \\cdot 3$.", "answer": "14", "unique_id": "test/prealgebra/2.json"},
+    {"problem": "How many positive divisors does 36 have?", "answer": "9", "unique_id": "test/number_theory/3.json"},
+    {"problem": "Solve for $x$: $2x + 7 = 19$.", "answer": "6", "unique_id": "test/algebra/4.json"},
+    {"problem": "A rectangle has sides 3 and 8. What is the length of its diagonal?", "answer": "\\sqrt{73}",
+     "unique_id": "test/geometry/5.json"},
+    {"problem": "What is the remainder when $7^{10}$ is divided by 5?", "answer": "4",
+     "unique_id": "test/number_theory/6.json"},
+    {"problem": "Evaluate $\\sum_{k=1}^{10} k$.", "answer": "55", "unique_id": "test/algebra/7.json"},
+    {"problem": "In how many ways can 3 books be arranged on a shelf?", "answer": "6",
+     "unique_id": "test/counting_and_probability/8.json"},
+]
+
+
+def _problems_file() -> Path:
+    """MATH-500 when the shared data folder is there, else the synthetic problems above."""
+    if MATH500.exists():
+        return MATH500
+    path = Path(tempfile.mkdtemp(prefix="eval_test_")) / "problems.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in SYNTHETIC))
+    return path
+
+
+PROBLEMS = _problems_file()
 REQUIRED_KEYS = {"id", "method", "prompt", "response", "prediction", "answer", "correct", "model_calls",
                  "wall_time_s", "error"}
 
@@ -39,7 +67,7 @@ def model_dirs(tmp_path_factory, tok, lm, rm) -> tuple[str, str]:
 
 def run(model_dirs, out: Path, *extra: str, methods: str = "greedy", limit: int = 3, tokens: int = 4) -> int:
     lm_dir, rm_dir = model_dirs
-    return em.main(["--method", methods, "--model", lm_dir, "--reward-model", rm_dir, "--data", str(MATH500),
+    return em.main(["--method", methods, "--model", lm_dir, "--reward-model", rm_dir, "--data", str(PROBLEMS),
                     "--limit", str(limit), "--n", "2", "--max-new-tokens", str(tokens), "--output", str(out), *extra])
 
 
@@ -178,12 +206,11 @@ def test_solve_nabla_revises_and_its_model_calls_follow_the_counting_rule(tok, l
     assert json.loads(em._to_json(result))["stats"]["rollouts"] == 2
 
 
-@needs_data
 def test_every_method_end_to_end_on_three_math500_problems(model_dirs, tmp_path):
     out = tmp_path / "math500.jsonl"
     assert run(model_dirs, out, methods="greedy,sc,bon,nabla", tokens=6) == 0
     records = read_jsonl(out)
-    problems = em.load_problems(MATH500)[:3]
+    problems = em.load_problems(PROBLEMS)[:3]
     assert [(r["id"], r["method"]) for r in records] == \
            [(p.id, m) for p in problems for m in ("greedy", "sc", "bon", "nabla")]
     for r in records:
@@ -214,7 +241,6 @@ def test_every_method_end_to_end_on_three_math500_problems(model_dirs, tmp_path)
 # Resuming and failures
 
 
-@needs_data
 def test_resume_after_an_interrupted_run(model_dirs, tmp_path, monkeypatch):
     out, calls, real_solve = tmp_path / "out.jsonl", [], em.solve_batch
 
@@ -263,10 +289,9 @@ def test_resume_repairs_what_a_kill_left_at_the_end_of_the_file(tmp_path):
     assert em.finished_records(path)[1] is False
 
 
-@needs_data
 def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(model_dirs, tmp_path, monkeypatch):
     out, real_solve = tmp_path / "out.jsonl", em.solve_batch
-    second = em.load_problems(MATH500)[1].problem
+    second = em.load_problems(PROBLEMS)[1].problem
 
     def oom_on_second(method, prompts, *args, **kwargs):
         if second in prompts:
@@ -288,7 +313,6 @@ def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(mod
     assert {r["index"] for r in records} == {0, 1, 2}
 
 
-@needs_data
 def test_resume_refuses_results_of_other_settings(model_dirs, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert run(model_dirs, out, limit=1) == 0
@@ -306,7 +330,6 @@ def test_resume_refuses_results_of_other_settings(model_dirs, tmp_path, capsys):
 # Several GPUs
 
 
-@needs_data
 def test_shards_cover_every_problem_exactly_once_and_match_one_unsharded_run(model_dirs, tmp_path, monkeypatch):
     out = tmp_path / "sharded" / "math500.jsonl"
     assert run(model_dirs, out, "--shard", "0/3", methods="sc", limit=5) == 0
@@ -318,7 +341,7 @@ def test_shards_cover_every_problem_exactly_once_and_match_one_unsharded_run(mod
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
 
-    ids = [p.id for p in em.load_problems(MATH500)[:5]]
+    ids = [p.id for p in em.load_problems(PROBLEMS)[:5]]
     seen = []
     for shard in range(3):
         shard_records = read_jsonl(out.with_name(f"math500.rank{shard}.jsonl"))
@@ -384,12 +407,11 @@ BAD_INPUTS = {
 }
 
 
-@needs_data
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_status_2(case, model_dirs, tmp_path, capsys):
     make_args, message = BAD_INPUTS[case]
     lm_dir, rm_dir = model_dirs
-    base = {"--method": "greedy", "--model": lm_dir, "--reward-model": rm_dir, "--data": str(MATH500),
+    base = {"--method": "greedy", "--model": lm_dir, "--reward-model": rm_dir, "--data": str(PROBLEMS),
             "--limit": "1", "--max-new-tokens": "2", "--output": str(tmp_path / "math500.jsonl")}
     args = make_args(tmp_path)
     for option in set(base) & set(args[::2]):
@@ -400,7 +422,6 @@ def test_bad_input_is_one_line_and_exit_status_2(case, model_dirs, tmp_path, cap
     assert not any("Traceback" in line for line in err)
 
 
-@needs_data
 def test_shard_out_of_range_from_the_environment(model_dirs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "4")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -408,13 +429,12 @@ def test_shard_out_of_range_from_the_environment(model_dirs, tmp_path, monkeypat
     assert "RANK/WORLD_SIZE 4/2: out of range" in capsys.readouterr().err
 
 
-@needs_data
 def test_model_without_chat_template_is_refused(tok, lm, tmp_path, capsys):
     plain = copy.deepcopy(tok)
     plain.chat_template = None
     lm.save_pretrained(tmp_path / "plain")
     plain.save_pretrained(tmp_path / "plain")
-    assert em.main(["--method", "greedy", "--model", str(tmp_path / "plain"), "--data", str(MATH500),
+    assert em.main(["--method", "greedy", "--model", str(tmp_path / "plain"), "--data", str(PROBLEMS),
                     "--limit", "1", "--output", str(tmp_path / "out.jsonl")]) == 2
     assert "chat template" in capsys.readouterr().err
 
@@ -431,12 +451,11 @@ def test_hub_data_unavailable_says_to_pass_data(monkeypatch, tmp_path, capsys):
     assert "HuggingFaceH4/MATH-500" in err and "--data PATH" in err
 
 
-@needs_data
 def test_command_line_offline_hub_model_exits_2_without_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(Path(em.__file__)), "--method", "greedy", "--model", "no-such-org/no-such-model",
-         "--data", str(MATH500), "--limit", "1", "--output", str(tmp_path / "out.jsonl")],
+         "--data", str(PROBLEMS), "--limit", "1", "--output", str(tmp_path / "out.jsonl")],
         capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -453,7 +472,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@needs_data
 def test_a_refused_run_leaves_every_file_as_it_was(model_dirs, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert run(model_dirs, out) == 0
@@ -467,7 +485,6 @@ def test_a_refused_run_leaves_every_file_as_it_was(model_dirs, tmp_path, capsys)
     assert snapshot(tmp_path) == before
 
 
-@needs_data
 def test_shards_refuse_to_merge_with_another_runs_results(model_dirs, tmp_path, capsys):
     """The issue's repro: an unsharded run, then two shards of other settings on the same --output."""
     out = tmp_path / "math500.jsonl"
@@ -479,7 +496,6 @@ def test_shards_refuse_to_merge_with_another_runs_results(model_dirs, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
-@needs_data
 def test_merge_refuses_shards_of_two_runs_and_changes_nothing(model_dirs, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(model_dirs, a / "math500.jsonl", "--shard", "0/2", tokens=4) == 0
@@ -492,7 +508,6 @@ def test_merge_refuses_shards_of_two_runs_and_changes_nothing(model_dirs, tmp_pa
     assert snapshot(a) == before and not (a / "math500.jsonl").exists()
 
 
-@needs_data
 @pytest.mark.parametrize("method, option, field", [
     ("greedy", ["--dtype", "bfloat16"], "dtype"),
     ("sc", ["--top-k", "5"], "top_k"),
@@ -515,7 +530,6 @@ def test_each_result_records_the_settings_it_depends_on(model_dirs, tmp_path, ca
 # bf16, batches and the fast path
 
 
-@needs_data
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_every_method_runs_in_fp32_and_bf16(model_dirs, tmp_path, dtype):
     out = tmp_path / "out.jsonl"
@@ -539,7 +553,6 @@ def test_every_method_runs_in_fp32_and_bf16(model_dirs, tmp_path, dtype):
     assert summary["methods"]["nabla"]["mean_grad_passes"] == sum(r["stats"]["grad_steps"] for r in nabla_rows) / 2
 
 
-@needs_data
 def test_batched_greedy_is_token_identical_to_one_at_a_time(model_dirs, tmp_path):
     one, batched = tmp_path / "one.jsonl", tmp_path / "batched.jsonl"
     assert run(model_dirs, one, methods="greedy,sc,bon", limit=5, tokens=12) == 0
@@ -571,7 +584,6 @@ def test_batches_group_one_baseline_method_at_a_time_and_nabla_alone():
     assert em.batches(todo, 1) == [([p], m) for p, m in todo]
 
 
-@needs_data
 def test_compile_switch_gives_the_same_answers_on_cpu(model_dirs, tmp_path):
     """--compile (a static KV cache; compiled on a GPU only) changes no token in fp32 on CPU."""
     plain, fast = tmp_path / "plain.jsonl", tmp_path / "fast.jsonl"
@@ -603,7 +615,6 @@ def test_models_load_straight_onto_the_gpu_when_accelerate_is_installed(model_di
     assert loaded[-1] == {"dtype": torch.bfloat16, "device_map": "cuda:1"}
 
 
-@needs_data
 def test_merged_summary_covers_this_runs_problems_and_the_file_keeps_every_result(model_dirs, tmp_path):
     out = tmp_path / "math500.jsonl"
     for shard in ("0/2", "1/2"):
