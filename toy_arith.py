@@ -1,9 +1,8 @@
-"""A CPU-sized proof that ∇-Reasoner works: tiny models, a synthetic arithmetic task, the paper's table.
+"""∇-Reasoner in miniature on CPU: tiny models, a synthetic arithmetic task, the paper's claims checked one by one.
 
-    python toy_arith.py            # train (or load from toy_models/), diagnose DTO, evaluate, print tables
+    python toy_arith.py            # load the committed models from toy_models/ and evaluate (about 15 minutes)
+    python toy_arith.py --retrain  # train them again first (seed 0; about 20 minutes on one CPU thread)
     python toy_arith.py --quick    # the same pipeline with tiny step counts: a smoke test (toy_test.py)
-
-The paper's experiment in miniature, with nothing downloaded:
 
   task      multi-step integer arithmetic with a short worked chain, e.g. the prompt "3+4*2-5=" is answered
             "4*2=8 3+8=11 11-5=6 \\boxed{6}" (3 or 4 one-digit operands, +, -, *, usual precedence);
@@ -11,18 +10,21 @@ The paper's experiment in miniature, with nothing downloaded:
   policy    a character-level Qwen2ForCausalLM (3 layers, width 128), trained from scratch with a fixed
             seed and stopped as soon as its greedy accuracy on validation problems reaches 45%, so
             that greedy decoding is clearly imperfect and test-time scaling has room to help.
-  reward    a Qwen2ForSequenceClassification (num_labels=1) over the same tokenizer, started from the
-            policy's weights (as RLHF reward models are) and trained with a pairwise Bradley-Terry loss
-            to score correct chains above wrong ones: chains with one corrupted step or answer, and the
-            policy's own wrong samples, the mistakes a reward model meets at test time.
-  DTO       a look at what DTO does on these models (gradient norms, how often the optimized argmax
-            flips, whether it flips toward the right token) with the paper's settings and tuned ones.
-  eval      held-out problems solved by eval_math.solve: greedy, self-consistency, best-of-N,
-            ∇-Reasoner and ∇-Reasoner without DTO, with model calls counted as eval_math counts them;
-            the paper-style table and the accuracy-vs-model-calls curve for N in 1, 2, 4, 8.
+  reward    a Qwen2ForSequenceClassification (num_labels=1) over the same tokenizer that verifies: started
+            from the policy's layers with two fresh ones on top, trained with process supervision (a label
+            per token: is the chain still right so far?) on fresh gold chains, fresh one-step corruptions
+            and the policy's own samples. Its accuracy on three kinds of held-out pairs is printed first.
+  bracket   greedy, one sampled draft, best-of-N and pass@N (what a perfect selector would get), measured
+            on the test problems and printed before ∇-Reasoner runs.
+  claims    the paper's claims one at a time, each a measured difference with a standard error and a
+            verdict: DTO lowers the rejection rate; DTO moves the redraw toward the right token more than
+            sharpening by the same KL and more than a likelihood-only DTO; skipping; gradient caching;
+            ∇-Reasoner against best-of-N, self-consistency and greedy.
+  curve     accuracy against model calls and against forward-token-equivalents for N in 1, 2, 4, 8.
 
-Trained models are saved to --models (default toy_models/) with save_pretrained and loaded from
-there on later runs; --retrain trains them again. Everything is seeded by --seed.
+Settings of ∇-Reasoner that the paper's do not fit (the learning rate and the gradient-norm threshold)
+are chosen on validation problems; test problems are evaluated once. Trained models are saved to
+--models (default toy_models/) with save_pretrained and loaded from there on later runs.
 """
 import argparse
 import copy
@@ -588,11 +590,10 @@ def tune(lm, rm, tok, problems: list[Problem], lrs: list[float], base: NablaConf
     chance of the right token, averaged over the first mistakes of wrong drafts and the first uncertain
     tokens of right drafts (where moving away from the drafted token is a loss).
     """
-    _, tokens = draft_sites(lm, rm, tok, problems, base, seed)
+    sites, tokens = draft_sites(lm, rm, tok, problems, base, seed)
+    sites = [s for s in sites if s.kind != "selected"]
     unsure = tokens["top"] <= base.confidence_threshold
     threshold = round(float(tokens["norm"][unsure].median()), 4) if unsure.any() else base.grad_norm_threshold
-    sites, _ = draft_sites(lm, rm, tok, problems, replace(base, grad_norm_threshold=threshold), seed)
-    sites = [s for s in sites if s.kind != "selected"]
     gain = {}
     for lr in lrs:
         cfg = replace(base, lr=lr)
