@@ -508,6 +508,9 @@ class Site:
     drafted: int
     prefix: Prefix        # the prompt and the draft before the position
     rest: list[int]       # the draft after the position
+    draft: list[int]      # the whole draft, end-of-sequence included
+    position: int
+    prompt: str
 
 
 def draft_sites(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int) -> tuple[list[Site], dict]:
@@ -533,7 +536,7 @@ def draft_sites(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: in
 
         def site(kind: str, s: int, right: int) -> Site:  # same tokenizer: the RM's ids are the LM's
             return Site(kind, step.logp[s], right, draft[s], Prefix(prompt_ids + draft[:s], rm_before + draft[:s], rm_after),
-                        draft[s + 1:])
+                        draft[s + 1:], draft, s, p.prompt)
         gold = ids_of(tok, p.chain) + [tok.eos_token_id]
         unsure = (top <= cfg.confidence_threshold).nonzero().flatten().tolist()
         if draft != gold:
@@ -550,16 +553,17 @@ def draft_sites(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: in
 
 def run_dto(lm, rm, tok, site: Site, cfg: NablaConfig, use_first: bool = True):
     """DTO at one site, as NablaReasoner runs it: from the LLM's logits, the draft's gradient reused for
-    the drafted token. Returns the optimized logits and the number of full passes of both models."""
+    the drafted token. Returns the optimized logits, the number of full passes of both models, and the
+    gradient ∂L/∂one-hot at the drafted token (what token selection computed)."""
     vocab_map = align_vocab(tok, tok, lm.get_input_embeddings().weight.shape[0])
     eos = set(lm.generation_config.eos_token_id)
 
     def full_grad(token: int) -> torch.Tensor:
         step = ahead_loss_and_grads(lm, rm, vocab_map, site.prefix, [token] + site.rest, cfg, eos)
         return onehot_grads(step, torch.tensor([0]), lm, rm, vocab_map, cfg)[0]
-    first = (site.drafted, full_grad(site.drafted)) if use_first else None
-    z, n_full, _ = dto(site.logp, full_grad, cfg, first=first)
-    return z, n_full
+    first = (site.drafted, full_grad(site.drafted))
+    z, n_full, _ = dto(site.logp, full_grad, cfg, first=first if use_first else None)
+    return z, n_full, first[1]
 
 
 def redraw_probs(z: torch.Tensor, cfg: NablaConfig) -> torch.Tensor:
@@ -623,23 +627,38 @@ def ratio_se(num: list[float], den: list[float]) -> tuple[float, float]:
     return r, math.sqrt(sum((a - r * b) ** 2 for a, b in zip(num, den))) / total
 
 
-def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int, entropy_threshold: float = 0.25) -> dict:
+def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int, entropy_threshold: float = 0.25,
+               big_lr: float = 1.0) -> dict:
     """What DTO does at single tokens of test drafts, against two controls, and what skipping saves.
 
     At the first wrong token of each wrong draft, the redraw's chance of the right token: after DTO;
     after a likelihood-only DTO (λ = 0); and after sharpening the LLM's logits (z → c·z, no reward) by
     the same KL as DTO moved them. Sharpening raises p(right) wherever the LLM's argmax is already
-    right, so only a gain beyond both controls is the reward's doing.
+    right, so only a gain beyond both controls is the reward's doing. The same at learning rate big_lr,
+    where DTO moves the logits a lot (not a tuned setting: what a DTO that moves does). And two
+    questions behind the result: does the gradient prefer the right token to the drafted one, and
+    does the reward model itself score the draft higher with the right token swapped in?
     """
     sites, tokens = draft_sites(lm, rm, tok, problems, cfg, seed)
+    eos = set(lm.generation_config.eos_token_id)
+    text = lambda ids: tok.decode([t for t in ids if t not in eos])
     rows = []
     for s in (s for s in sites if s.kind == "mistake"):
         p0 = redraw_probs(s.logp, cfg)
-        p_dto = redraw_probs(run_dto(lm, rm, tok, s, cfg)[0], cfg)
+        z, _, grad = run_dto(lm, rm, tok, s, cfg)
+        p_dto = redraw_probs(z, cfg)
         p_lik = redraw_probs(run_dto(lm, rm, tok, s, replace(cfg, reward_coeff=0.0))[0], cfg)
         p_sharp = redraw_probs(sharpened(s.logp, kl(p_dto, p0), cfg), cfg)
+        p_big = redraw_probs(run_dto(lm, rm, tok, s, replace(cfg, lr=big_lr))[0], cfg)
+        p_big_sharp = redraw_probs(sharpened(s.logp, kl(p_big, p0), cfg), cfg)
+        # The reward itself, not its linearisation: the right token swapped in, the rest of the draft kept.
+        swapped = s.draft[:s.position] + [s.right] + s.draft[s.position + 1:]
         rows.append(dict(before=float(p0[s.right]), dto=float(p_dto[s.right]), likelihood_only=float(p_lik[s.right]),
-                         sharpened=float(p_sharp[s.right]), kl=kl(p_dto, p0), argmax_right=int(s.logp.argmax()) == s.right))
+                         sharpened=float(p_sharp[s.right]), kl=kl(p_dto, p0), argmax_right=int(s.logp.argmax()) == s.right,
+                         big=float(p_big[s.right]), big_sharpened=float(p_big_sharp[s.right]),
+                         gradient_prefers_right=bool(grad[s.right] < grad[s.drafted]),
+                         reward_prefers_swap=score(rm, tok, s.prompt, text(swapped))
+                         > score(rm, tok, s.prompt, text(s.draft))))
     selected = [s for s in sites if s.kind == "selected"]
     passes_cache = [run_dto(lm, rm, tok, s, cfg, use_first=False)[1] for s in selected]
     passes_reuse = [run_dto(lm, rm, tok, s, cfg)[1] for s in selected]
@@ -654,6 +673,9 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
                      sharpened=mean_se(col("sharpened"))),
         dto_minus_sharpened=mean_se(a - b for a, b in zip(col("dto"), col("sharpened"))),
         dto_minus_likelihood_only=mean_se(a - b for a, b in zip(col("dto"), col("likelihood_only"))),
+        big_lr=big_lr, p_right_big_lr=mean_se(col("big")), p_right_big_lr_sharpened=mean_se(col("big_sharpened")),
+        big_lr_minus_sharpened=mean_se(a - b for a, b in zip(col("big"), col("big_sharpened"))),
+        gradient_prefers_right=mean_se(col("gradient_prefers_right")), reward_prefers_swap=mean_se(col("reward_prefers_swap")),
         where_argmax_wrong=dict(sites=sum(not r["argmax_right"] for r in rows),
                                 dto_minus_sharpened=mean_se(r["dto"] - r["sharpened"] for r in rows if not r["argmax_right"])),
         skipped_confident=share(confident), skipped_flat_gradient=share(flat),
@@ -782,19 +804,30 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
     row("Table 2: DTO lowers the rejection rate of revisions",
         f"rejection without DTO {r0[0]:.1%} -> with DTO {r1[0]:.1%} (same thresholds, N={top})",
         r0[0] - r1[0], math.hypot(r0[1], r1[1]))
+    if "nabla_big_lr" in res:
+        r2 = res["nabla_big_lr"]["rejection_rate"]
+        row("... the same with DTO at lr 1 (not tuned), where DTO moves the logits",
+            f"rejection without DTO {r0[0]:.1%} -> with DTO at lr 1 {r2[0]:.1%}", r0[0] - r2[0], math.hypot(r0[1], r2[1]))
     p = d["p_right"]
     row("DTO moves p(right token) more than sharpening by the same KL",
         f"first wrong token of {d['wrong_drafts']} wrong test drafts: p(right) {p['before'][0]:.3f} -> DTO "
         f"{p['dto'][0]:.3f}, sharpened {p['sharpened'][0]:.3f}", *d["dto_minus_sharpened"], fmt="+.4f")
     row("... and more than a likelihood-only DTO (λ = 0)",
         f"likelihood-only {p['likelihood_only'][0]:.3f}", *d["dto_minus_likelihood_only"], fmt="+.4f")
+    row(f"... the same at lr {d['big_lr']:g} (not tuned), where DTO moves the logits",
+        f"p(right) -> DTO {d['p_right_big_lr'][0]:.3f}, sharpened by the same KL {d['p_right_big_lr_sharpened'][0]:.3f}",
+        *d["big_lr_minus_sharpened"], fmt="+.4f")
+    for key, what in (("gradient_prefers_right", "∂L/∂one-hot prefers the right token to the drafted"),
+                      ("reward_prefers_swap", "the reward is higher with the right token swapped in")):
+        row(f"(why) {what}", "share of those first wrong tokens", d[key][0] - 0.5, d[key][1])
+        rows[-1].update(text=f"{d[key][0]:.1%} ± {d[key][1]:.1%}", verdict="(diagnostic)")
     for key, what in (("skipped_confident", "confidence (top p > 0.97)"), ("skipped_flat_gradient", "gradient norm"),
-                      ("skipped_low_entropy", f"entropy < {d['entropy_threshold']} nats (not used in the runs)"),
-                      ("skipped_confident_or_flat", "confidence or gradient norm (the runs' rule)")):
+                      ("skipped_low_entropy", f"entropy < {d['entropy_threshold']} nats (not used)"),
+                      ("skipped_confident_or_flat", "confidence or gradient (the rule used)")):
         share, se = d[key]  # the paper's claim is that most tokens are skipped: more than half
-        row(f"Skipping: share of draft tokens skipped by {what}", f"{d['tokens']} tokens of {d['drafts']} test drafts",
+        row(f"Skipping: draft tokens skipped by {what}", f"{d['tokens']} tokens of {d['drafts']} test drafts",
             share - 0.5, se)
-        rows[-1].update(text=f"{share:.1%} ± {se:.1%}", verdict="(one criterion)" if "runs' rule" not in what
+        rows[-1].update(text=f"{share:.1%} ± {se:.1%}", verdict="(one criterion)" if "rule used" not in what
                         else rows[-1]["verdict"])
     saved = d["passes_without_cache"] - d["passes_with_cache_and_reuse"][0]
     row("Gradient caching and selection reuse save full passes",
@@ -808,10 +841,20 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
     return rows
 
 
-def print_claims(rows: list[dict]) -> None:
-    print(f"\n{'claim':<66}{'difference':>18}  verdict")
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'method':<44}{'N':>3}{'accuracy':>16}{'model calls':>13}{'fwd-token-eq':>14}{'proposed':>10}{'rejection':>16}")
     for r in rows:
-        print(f"{r['claim']:<66}{r['text']:>18}  {r['verdict']}\n      {r['measured']}")
+        acc, rej = r["accuracy"], r["rejection_rate"]
+        rejection = "-" if rej[0] != rej[0] else f"{rej[0]:.1%} ± {rej[1]:.1%}"
+        proposed = "-" if r["method"] != "nabla" else f"{r['revisions_proposed']:.2f}"
+        print(f"{r['label']:<44}{r['n']:>3}{acc[0]:>9.1%} ± {acc[1]:.1%}{r['model_calls']:>13.1f}{r['forward_tokens']:>14.0f}"
+              f"{proposed:>10}{rejection:>16}")
+
+
+def print_claims(rows: list[dict]) -> None:
+    print(f"\n{'claim':<72}{'difference':>18}  verdict")
+    for r in rows:
+        print(f"{r['claim']:<72}{r['text']:>18}  {r['verdict']}\n      {r['measured']}")
 
 
 def print_bracket(res: dict, ns: tuple) -> None:
@@ -924,6 +967,11 @@ def main(argv: list[str] | None = None) -> dict:
         print_bracket(res, ns)
         res["nabla"] = {n: run_nabla("∇-Reasoner", n, tuned, test, models, args.seed) for n in ns}
         res["no_dto"] = run_nabla("∇-Reasoner without DTO", ns[-1], without_dto(tuned), test, models, args.seed)
+        res["nabla_big_lr"] = run_nabla("∇-Reasoner, lr 1 (not tuned)", ns[-1], replace(tuned, lr=1.0), test, models,
+                                        args.seed)
+        res["paper"] = run_nabla("∇-Reasoner, the paper's lr and threshold", ns[-1], paper, test, models, args.seed)
+        print_table([res["greedy"], res["sc", ns[-1]], res["bon", ns[-1]], res["nabla"][ns[-1]], res["no_dto"],
+                     res["nabla_big_lr"], res["paper"]])
         d = dto_claims(lm, rm, tok, test, tuned, args.seed)
         claims = claim_rows(res, d)
         print_claims(claims)
