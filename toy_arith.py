@@ -657,6 +657,8 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
                          sharpened=float(p_sharp[s.right]), kl=kl(p_dto, p0), argmax_right=int(s.logp.argmax()) == s.right,
                          big=float(p_big[s.right]), big_sharpened=float(p_big_sharp[s.right]),
                          gradient_prefers_right=bool(grad[s.right] < grad[s.drafted]),
+                         reachable=bool(s.logp.max().exp() <= cfg.confidence_threshold
+                                        and grad.norm() >= cfg.grad_norm_threshold),
                          reward_prefers_swap=score(rm, tok, s.prompt, text(swapped))
                          > score(rm, tok, s.prompt, text(s.draft))))
     selected = [s for s in sites if s.kind == "selected"]
@@ -676,6 +678,7 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
         big_lr=big_lr, p_right_big_lr=mean_se(col("big")), p_right_big_lr_sharpened=mean_se(col("big_sharpened")),
         big_lr_minus_sharpened=mean_se(a - b for a, b in zip(col("big"), col("big_sharpened"))),
         gradient_prefers_right=mean_se(col("gradient_prefers_right")), reward_prefers_swap=mean_se(col("reward_prefers_swap")),
+        mistake_reachable=mean_se(col("reachable")),
         where_argmax_wrong=dict(sites=sum(not r["argmax_right"] for r in rows),
                                 dto_minus_sharpened=mean_se(r["dto"] - r["sharpened"] for r in rows if not r["argmax_right"])),
         skipped_confident=share(confident), skipped_flat_gradient=share(flat),
@@ -812,12 +815,16 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
     row("DTO moves p(right token) more than sharpening by the same KL",
         f"first wrong token of {d['wrong_drafts']} wrong test drafts: p(right) {p['before'][0]:.3f} -> DTO "
         f"{p['dto'][0]:.3f}, sharpened {p['sharpened'][0]:.3f}", *d["dto_minus_sharpened"], fmt="+.4f")
-    row("... and more than a likelihood-only DTO (λ = 0)",
+    w = d["where_argmax_wrong"]
+    row("... at those where the LLM's argmax is wrong (sharpening cannot win there)",
+        f"{w['sites']} of the {d['wrong_drafts']} first wrong tokens", *w["dto_minus_sharpened"], fmt="+.4f")
+    row("DTO moves p(right token) more than a likelihood-only DTO (λ = 0)",
         f"likelihood-only {p['likelihood_only'][0]:.3f}", *d["dto_minus_likelihood_only"], fmt="+.4f")
     row(f"... the same at lr {d['big_lr']:g} (not tuned), where DTO moves the logits",
         f"p(right) -> DTO {d['p_right_big_lr'][0]:.3f}, sharpened by the same KL {d['p_right_big_lr_sharpened'][0]:.3f}",
         *d["big_lr_minus_sharpened"], fmt="+.4f")
-    for key, what in (("gradient_prefers_right", "∂L/∂one-hot prefers the right token to the drafted"),
+    for key, what in (("mistake_reachable", "token selection can reach the first wrong token"),
+                      ("gradient_prefers_right", "∂L/∂one-hot prefers the right token to the drafted"),
                       ("reward_prefers_swap", "the reward is higher with the right token swapped in")):
         row(f"(why) {what}", "share of those first wrong tokens", d[key][0] - 0.5, d[key][1])
         rows[-1].update(text=f"{d[key][0]:.1%} ± {d[key][1]:.1%}", verdict="(diagnostic)")
