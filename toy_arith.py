@@ -849,6 +849,14 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
         row(f"Table 1: ∇-Reasoner is more accurate than {name}",
             f"N={top}: {nab['accuracy'][0]:.1%} ({nab['model_calls']:.0f} calls) vs {other['accuracy'][0]:.1%} "
             f"({other['model_calls']:.0f} calls)", *paired(nab, other))
+    # Figure 4: at a matched budget, ∇-Reasoner (N=top) against the largest best-of-N that costs no more.
+    for key, unit in (("model_calls", "model calls"), ("forward_tokens", "forward-token-equivalents")):
+        cheaper = [res["bon", n] for n in sorted(res["nabla"]) if res["bon", n][key] <= nab[key]]
+        if cheaper:
+            other = cheaper[-1]
+            row(f"Figure 4: ∇-Reasoner beats best-of-N at equal {unit}",
+                f"∇-Reasoner N={top} {nab['accuracy'][0]:.1%} ({nab[key]:.0f}) vs best-of-{other['n']} "
+                f"{other['accuracy'][0]:.1%} ({other[key]:.0f}), the largest N that costs no more", *paired(nab, other))
     return rows
 
 
