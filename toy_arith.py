@@ -1,7 +1,7 @@
 """∇-Reasoner in miniature on CPU: tiny models, a synthetic arithmetic task, the paper's claims checked one by one.
 
-    python toy_arith.py            # load the committed models from toy_models/ and evaluate (about 15 minutes)
-    python toy_arith.py --retrain  # train them again first (seed 0; about 20 minutes on one CPU thread)
+    python toy_arith.py            # load the committed models from toy_models/ and evaluate (about 12 minutes)
+    python toy_arith.py --retrain  # train them again first (seed 0; about 16 minutes more on one CPU thread)
     python toy_arith.py --quick    # the same pipeline with tiny step counts: a smoke test (toy_test.py)
 
   task      multi-step integer arithmetic with a short worked chain, e.g. the prompt "3+4*2-5=" is answered
