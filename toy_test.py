@@ -99,3 +99,16 @@ def test_quick_run_end_to_end(tmp_path):
     assert (tmp_path / "models" / "reward" / "model.safetensors").exists()
     again = main(["--quick", "--models", str(tmp_path / "models")])  # cached models: loaded, not retrained
     assert again["training"] == report["training"]
+
+
+def test_committed_models_load_and_verify():
+    """The committed checkpoint is the one the default settings ask for, and its reward model checks steps."""
+    from toy_arith import TrainSettings, greedy_accuracy, load_or_train, reward_quality
+    s = TrainSettings()
+    test, val = held_out_problems(0, 500, s.val_problems)
+    folder = Path(__file__).parent / "toy_models"
+    tok, lm, rm, meta, trained = load_or_train(folder, s, 0, val, {q.prompt for q in test + val}, retrain=False)
+    assert not trained  # loaded: the settings recorded beside the weights are the defaults
+    assert 0.45 <= greedy_accuracy(lm, tok, val[:100]) <= 0.65  # imperfect, with room for test-time scaling
+    quality = reward_quality(rm, tok, lm, val[:100], 0)
+    assert quality["gold_vs_corrupted"] >= 0.9 and quality["right_vs_wrong"] >= 0.7 and quality["top_is_right"] >= 0.8
