@@ -1,9 +1,8 @@
-"""A CPU-sized proof that ∇-Reasoner works: tiny models, a synthetic arithmetic task, the paper's table.
+"""∇-Reasoner in miniature on CPU: tiny models, a synthetic arithmetic task, the paper's claims checked one by one.
 
-    python toy_arith.py            # train (or load from toy_models/), diagnose DTO, evaluate, print tables
+    python toy_arith.py            # load the committed models from toy_models/ and evaluate (about 12 minutes)
+    python toy_arith.py --retrain  # train them again first (seed 0; about 16 minutes more on one CPU thread)
     python toy_arith.py --quick    # the same pipeline with tiny step counts: a smoke test (toy_test.py)
-
-The paper's experiment in miniature, with nothing downloaded:
 
   task      multi-step integer arithmetic with a short worked chain, e.g. the prompt "3+4*2-5=" is answered
             "4*2=8 3+8=11 11-5=6 \\boxed{6}" (3 or 4 one-digit operands, +, -, *, usual precedence);
@@ -11,20 +10,24 @@ The paper's experiment in miniature, with nothing downloaded:
   policy    a character-level Qwen2ForCausalLM (3 layers, width 128), trained from scratch with a fixed
             seed and stopped as soon as its greedy accuracy on validation problems reaches 45%, so
             that greedy decoding is clearly imperfect and test-time scaling has room to help.
-  reward    a Qwen2ForSequenceClassification (num_labels=1) over the same tokenizer, started from the
-            policy's weights (as RLHF reward models are) and trained with a pairwise Bradley-Terry loss
-            to score correct chains above wrong ones: chains with one corrupted step or answer, and the
-            policy's own wrong samples, the mistakes a reward model meets at test time.
-  DTO       a look at what DTO does on these models (gradient norms, how often the optimized argmax
-            flips, whether it flips toward the right token) with the paper's settings and tuned ones.
-  eval      held-out problems solved by eval_math.solve: greedy, self-consistency, best-of-N,
-            ∇-Reasoner and ∇-Reasoner without DTO, with model calls counted as eval_math counts them;
-            the paper-style table and the accuracy-vs-model-calls curve for N in 1, 2, 4, 8.
+  reward    a Qwen2ForSequenceClassification (num_labels=1) over the same tokenizer that verifies: started
+            from the policy's layers with two fresh ones on top, trained with process supervision (a label
+            per token: is the chain still right so far?) on fresh gold chains, fresh one-step corruptions
+            and the policy's own samples. Its accuracy on three kinds of held-out pairs is printed first.
+  bracket   greedy, one sampled draft, best-of-N and pass@N (what a perfect selector would get), measured
+            on the test problems and printed before ∇-Reasoner runs.
+  claims    the paper's claims one at a time, each a measured difference with a standard error and a
+            verdict: DTO lowers the rejection rate; DTO moves the redraw toward the right token more than
+            sharpening by the same KL and more than a likelihood-only DTO; skipping; gradient caching;
+            ∇-Reasoner against best-of-N, self-consistency and greedy.
+  curve     accuracy against model calls and against forward-token-equivalents for N in 1, 2, 4, 8.
 
-Trained models are saved to --models (default toy_models/) with save_pretrained and loaded from
-there on later runs; --retrain trains them again. Everything is seeded by --seed.
+Settings of ∇-Reasoner that the paper's do not fit (the learning rate and the gradient-norm threshold)
+are chosen on validation problems; test problems are evaluated once. Trained models are saved to
+--models (default toy_models/) with save_pretrained and loaded from there on later runs.
 """
 import argparse
+import copy
 import json
 import math
 import random
@@ -40,7 +43,7 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
                           Qwen2ForSequenceClassification)
 
 from nabla import (NablaConfig, Prefix, ahead_loss_and_grads, align_vocab, chat_prompt_ids, dto, onehot_grads,
-                   reward_template, score)
+                   reward_template, score, token_entropy)
 from tiny import char_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -227,12 +230,13 @@ class TrainSettings:
     policy_max_steps: int = 1500
     check_every: int = 50            # validation greedy accuracy is measured this often ...
     target_accuracy: float = 0.45    # ... and training stops once it reaches this
-    rm_prompts: int = 3000           # training prompts whose policy samples become reward-model negatives
+    rm_prompts: int = 3000           # training prompts whose policy samples the reward model reads
     rm_samples: int = 4              # samples per prompt (temperature 0.6, as at test time)
-    rm_extra_layers: int = 1         # fresh layers on top of the policy's (see new_reward_model)
-    rm_batch: int = 32               # pairs per step
-    rm_lr: float = 1e-3
-    rm_steps: int = 600
+    rm_extra_layers: int = 2         # fresh layers on top of the policy's (see new_reward_model)
+    rm_lm_weight: float = 1.0        # weight of the next-token loss on gold chains (see train_reward_model)
+    rm_batch: int = 48               # chains per step: a third gold, a third corrupted, a third the policy's
+    rm_lr: float = 2e-3
+    rm_steps: int = 3000
     val_problems: int = 200
 
 
@@ -280,15 +284,49 @@ def train_policy(tok, val: list[Problem], held_out: set[str], s: TrainSettings, 
     return lm, dict(steps=step, seconds=round(time.perf_counter() - start, 1), log=log)
 
 
-def policy_negatives(lm, tok, problems: list[Problem], samples: int, seed: int) -> list[tuple]:
-    """(prompt, gold chain, wrong sample) for every wrong answer among the policy's samples.
+def policy_pool(lm, tok, problems: list[Problem], samples: int, seed: int) -> list[tuple[Problem, str]]:
+    """(problem, sample) for `samples` policy samples per problem at temperature 0.6, right and wrong alike.
 
-    The policy's own mistakes are what the reward model has to recognise at test time; they are sampled
-    at temperature 0.6, the temperature of every draft at test time.
+    The policy's own chains are what the reward model reads at test time, so they are a third of its
+    training data; their mistakes are the hard negatives that synthetic corruptions miss.
     """
     texts = sample(lm, tok, [p.prompt for p in problems], 0.6, n=samples, seed=seed)
-    return [(p.prompt, p.chain, t) for i, p in enumerate(problems)
-            for t in texts[i * samples:(i + 1) * samples] if boxed(t) != p.answer]
+    return [(p, texts[i * samples + j]) for i, p in enumerate(problems) for j in range(samples)]
+
+
+def step_labels(tok, response_ids: list[int], gold: str) -> list[float]:
+    """Process supervision: per token, 1 while the response so far is a prefix of the gold chain.
+
+    The chain is written in one canonical order, so "still a prefix of the gold chain" is exactly "no
+    step has gone wrong yet": the label falls to 0 at the first wrong character and stays there.
+    """
+    labels, text = [], ""
+    for t in response_ids:
+        text += tok.decode([t])
+        labels.append(float(gold.startswith(text) and (not labels or labels[-1] == 1.0)))
+    return labels
+
+
+def rm_example(tok, problem: Problem, response: str) -> tuple[list[int], list[float]]:
+    """The conversation as nabla.score shows it to the reward model, and a label per token.
+
+    Prompt tokens: -1 (no label). Response tokens: step_labels. The chat template's closing tokens:
+    1 only for a complete, correct chain. The reward is read at the last of them, so it is trained to
+    answer "is every step right and the chain finished?", and each earlier position to answer "is every
+    step so far right?", a dense signal that makes the model check each step.
+    """
+    before, after = reward_template(tok, problem.prompt)
+    response_ids = ids_of(tok, response)
+    done = float(response == problem.chain)
+    return before + response_ids + after, [-1.0] * len(before) + step_labels(tok, response_ids, problem.chain) + [done] * len(after)
+
+
+def rm_scores(rm, tok, pairs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the first and the second chain of each (prompt, chain, chain), in one padded batch."""
+    rows = [rm_inputs(tok, p, a) for p, a, _ in pairs] + [rm_inputs(tok, p, b) for p, _, b in pairs]
+    ids = padded(rows, tok.pad_token_id)
+    rewards = rm(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
+    return rewards[:len(pairs)], rewards[len(pairs):]
 
 
 def rm_inputs(tok, prompt: str, response: str) -> list[int]:
@@ -297,22 +335,13 @@ def rm_inputs(tok, prompt: str, response: str) -> list[int]:
     return ids_of(tok, tok.apply_chat_template(messages, tokenize=False))
 
 
-def rm_scores(rm, tok, pairs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the correct and the wrong chain of each (prompt, correct, wrong), in one padded batch."""
-    rows = [rm_inputs(tok, p, good) for p, good, _ in pairs] + [rm_inputs(tok, p, bad) for p, _, bad in pairs]
-    ids = padded(rows, tok.pad_token_id)
-    rewards = rm(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
-    return rewards[:len(pairs)], rewards[len(pairs):]
-
-
 def new_reward_model(lm, tok, s: TrainSettings) -> Qwen2ForSequenceClassification:
     """The policy's layers plus s.rm_extra_layers fresh ones on top, with a fresh one-output head.
 
-    Starting from the policy gives the reward model the policy's arithmetic. The fresh top layer is
-    there because the reward is read at the last token: to notice a wrong digit, a position has to
-    compare its token with what the previous position predicted, which the policy computes only in its
-    last layer, and then pass the verdict on to the end. (In short trials it helped a little, a few
-    points of held-out pairwise accuracy; the reward model stays the weak part of this miniature.)
+    Starting from the policy gives the reward model the policy's arithmetic; training then makes it
+    better at arithmetic than the policy (it is trained far longer), which is what lets it catch the
+    policy's mistakes. The fresh top layers give each position room to compare its token with what the
+    previous position computed and to gather the verdicts of all earlier steps.
     """
     rm = Qwen2ForSequenceClassification(model_config(tok, s.hidden, s.layers + s.rm_extra_layers, num_labels=1))
     backbone = {k: v for k, v in lm.model.state_dict().items() if not k.startswith("norm.")}
@@ -321,69 +350,90 @@ def new_reward_model(lm, tok, s: TrainSettings) -> Qwen2ForSequenceClassificatio
 
 
 def train_reward_model(lm, tok, held_out: set[str], s: TrainSettings, seed: int) -> tuple:
-    """Pairwise Bradley-Terry training, loss -log σ(r(correct) - r(wrong)), over a fixed set of pairs.
+    """Process-supervised training: a logistic loss on every position's label (see rm_example).
 
-    The gold chain of a training prompt is paired with each of the policy's wrong samples for it and
-    with two corrupted chains (one step, operand or answer changed), which add mistakes the policy
-    happens not to make yet. (Fresh corruptions every batch instead of a fixed set were tried: worse.)
+    Each batch is a third gold chains and a third one-step corruptions of fresh problems (they cost
+    nothing, so none is seen twice), and a third of the policy's own samples drawn beforehand. The
+    loss averages the per-token losses of the response and, with equal weight, the final verdict.
     """
     rng, start = random.Random(f"reward {seed}"), time.perf_counter()
-    problems = training_problems(rng, held_out, s.rm_prompts)
-    pairs = policy_negatives(lm, tok, problems, s.rm_samples, seed)
-    from_policy = len(pairs)
-    pairs += [(p.prompt, p.chain, corrupt(p, rng)) for p in problems for _ in range(2)]
-    rng.shuffle(pairs)
+    pool = policy_pool(lm, tok, training_problems(rng, held_out, s.rm_prompts), s.rm_samples, seed)
     sampling_seconds = time.perf_counter() - start
     torch.manual_seed(seed)
     rm = new_reward_model(lm, tok, s)
-    opt = torch.optim.AdamW(rm.parameters(), lr=s.rm_lr, weight_decay=0.01)
+    # The policy's next-token head, read off the reward model's copy of the policy's layers and trained on
+    # gold chains alongside: it keeps improving the arithmetic that the layers above compare each token with.
+    # Used in training only; it is not saved.
+    head = torch.nn.Sequential(copy.deepcopy(lm.model.norm), copy.deepcopy(lm.lm_head))
+    opt = torch.optim.AdamW([*rm.parameters(), *head.parameters()], lr=s.rm_lr, weight_decay=0.01)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
     losses = []
     for step in range(s.rm_steps):
         for group in opt.param_groups:  # short warm-up, cosine decay
-            group["lr"] = s.rm_lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / s.rm_steps))
+            group["lr"] = s.rm_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / s.rm_steps))
+        k = s.rm_batch // 3
+        fresh = training_problems(rng, held_out, 2 * k)
+        batch = ([(p, p.chain) for p in fresh[:k]] + [(p, corrupt(p, rng)) for p in fresh[k:]]
+                 + [rng.choice(pool) for _ in range(s.rm_batch - 2 * k)])
+        rows, labels = zip(*(rm_example(tok, p, r) for p, r in batch))
+        ids, labels = padded(rows, tok.pad_token_id), padded(labels, -1.0).float()
+        ends = torch.tensor([len(r) - 1 for r in rows])
         rm.train()
-        good, bad = rm_scores(rm, tok, [pairs[(step * s.rm_batch + j) % len(pairs)] for j in range(s.rm_batch)])
-        loss = -torch.nn.functional.logsigmoid(good - bad).mean()
+        out = rm.model(input_ids=ids, attention_mask=(torch.arange(ids.shape[1]) < ends[:, None] + 1).long(),
+                       output_hidden_states=True)
+        logits = rm.score(out.last_hidden_state)[..., 0]
+        gold_rows = ids[:k]
+        targets = torch.where(labels[:k, 1:] >= 0, gold_rows[:, 1:], -100)
+        next_token = head(out.hidden_states[s.layers][:k, :-1])
+        steps = labels >= 0
+        steps[torch.arange(len(rows)), ends] = False
+        final = logits[torch.arange(len(rows)), ends]
+        loss = bce(logits[steps], labels[steps]) + bce(final, labels[torch.arange(len(rows)), ends])
+        if s.rm_lm_weight:
+            loss = loss + s.rm_lm_weight * torch.nn.functional.cross_entropy(next_token.flatten(0, 1), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == s.rm_steps:
-            print(f"  reward step {step + 1:4d}  pairwise loss {statistics.mean(losses[-100:]):.3f}"
+        if (step + 1) % 200 == 0 or step + 1 == s.rm_steps:
+            print(f"  reward step {step + 1:5d}  loss {statistics.mean(losses[-200:]):.3f}"
                   f"  ({time.perf_counter() - start:.0f}s)", flush=True)
     rm.eval()
-    return rm, dict(pairs=len(pairs), from_policy_samples=from_policy,
-                    epochs=round(s.rm_steps * s.rm_batch / len(pairs), 2), sampling_seconds=round(sampling_seconds, 1),
-                    final_loss=round(statistics.mean(losses[-100:]), 4), seconds=round(time.perf_counter() - start, 1))
+    return rm, dict(policy_samples=len(pool), examples_seen=s.rm_steps * s.rm_batch,
+                    sampling_seconds=round(sampling_seconds, 1), final_loss=round(statistics.mean(losses[-200:]), 4),
+                    seconds=round(time.perf_counter() - start, 1))
 
 
 @torch.no_grad()
-def pairwise_accuracy(rm, tok, lm, problems: list[Problem], seed: int, samples: int = 4) -> dict:
-    """On held-out prompts: how often the reward model ranks a correct chain above a wrong one.
+def reward_quality(rm, tok, lm, problems: list[Problem], seed: int, samples: int = 8) -> dict:
+    """The reward model on held-out problems, the three numbers the method rests on.
 
-    Three kinds of pairs: gold vs the policy's own wrong samples; the policy's correct vs wrong samples
-    of the same prompt (what best-of-N and the acceptance test have to get right); gold vs corrupted.
+    gold_vs_corrupted: the gold chain scored above a one-step corruption (3 per problem);
+    right_vs_wrong: a right policy sample scored above a wrong one of the same problem (every such pair
+    among `samples` samples at temperature 0.6; a tie counts half);
+    top_is_right: among problems where some sample is right, how often the top-scored sample is.
     """
     rng = random.Random(f"pairs {seed}")
+    corrupted = [(p.prompt, p.chain, corrupt(p, rng)) for p in problems for _ in range(3)]
+    good, bad = rm_scores(rm, tok, corrupted)
     texts = sample(lm, tok, [p.prompt for p in problems], 0.6, n=samples, seed=seed + 1)
-    policy, sample_pairs, synthetic = [], [], []
+    rewards = rm_scores(rm, tok, [(p.prompt, t, t) for p, t in zip(
+        [p for p in problems for _ in range(samples)], texts)])[0].view(len(problems), samples)
+    wins, pairs, top, some = 0.0, 0, 0, 0
     for i, p in enumerate(problems):
-        mine = texts[i * samples:(i + 1) * samples]
-        right = [t for t in mine if boxed(t) == p.answer]
-        wrong = [t for t in mine if boxed(t) != p.answer]
-        policy += [(p.prompt, p.chain, w) for w in wrong]
-        sample_pairs += [(p.prompt, r, w) for r in right for w in wrong]
-        synthetic.append((p.prompt, p.chain, corrupt(p, rng)))
-
-    def acc(pairs):
-        if not pairs:
-            return None
-        good, bad = rm_scores(rm, tok, pairs)
-        return round((good > bad).float().mean().item(), 4)
-    return dict(gold_vs_policy_wrong=acc(policy), policy_right_vs_wrong=acc(sample_pairs),
-                gold_vs_corrupted=acc(synthetic), pairs=dict(policy=len(policy), samples=len(sample_pairs),
-                                                               corrupted=len(synthetic)))
+        right = torch.tensor([boxed(t) == p.answer for t in texts[i * samples:(i + 1) * samples]])
+        r = rewards[i]
+        if right.any():
+            some += 1
+            top += bool(right[r.argmax()])
+        for a in r[right]:
+            for b in r[~right]:
+                wins, pairs = wins + (a > b).item() + 0.5 * (a == b).item(), pairs + 1
+    rate = lambda k, n: round(k / n, 4) if n else None
+    return dict(gold_vs_corrupted=rate((good > bad).sum().item() + 0.5 * (good == bad).sum().item(), len(corrupted)),
+                right_vs_wrong=rate(wins, pairs), top_is_right=rate(top, some),
+                pairs=dict(corrupted=len(corrupted), right_vs_wrong=pairs, problems_with_a_right_sample=some))
 
 
 def load_or_train(folder: Path, s: TrainSettings, seed: int, val: list[Problem], held_out: set[str],
@@ -415,7 +465,7 @@ def load_or_train(folder: Path, s: TrainSettings, seed: int, val: list[Problem],
 
 
 # ----------------------------------------------------------------------------------------------
-# What DTO does on these models
+# DTO at a single token: settings chosen on validation drafts, claims checked on test drafts
 
 
 def without_dto(config: NablaConfig) -> NablaConfig:
@@ -423,207 +473,421 @@ def without_dto(config: NablaConfig) -> NablaConfig:
     return replace(config, dto_iters=0)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+@dataclass
+class Site:
+    """A position of a draft where DTO is examined, with what is needed to run DTO there."""
+    kind: str             # "mistake": the first wrong character of a wrong draft; "correct": the first
+                          # uncertain token of a right draft; "selected": where ∇-Reasoner would optimize
+    logp: torch.Tensor    # the LLM's log-probabilities there: DTO's starting logits
+    right: int            # the gold chain's token there (an oracle knows it; ∇-Reasoner does not)
+    drafted: int
+    prefix: Prefix        # the prompt and the draft before the position
+    rest: list[int]       # the draft after the position
+    draft: list[int]      # the whole draft, end-of-sequence included
+    position: int
+    prompt: str
 
 
-def dto_diagnostics(lm, rm, tok, problems: list[Problem], lrs: list[float], base: NablaConfig, seed: int) -> dict:
-    """Gradient norms, and what DTO does to the token where a draft goes wrong, for several learning rates.
+def draft_sites(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int) -> tuple[list[Site], dict]:
+    """One draft per problem at the rollout temperature, as ∇-Reasoner's first rollout, and its sites.
 
-    One draft per problem at the rollout temperature, as ∇-Reasoner's first rollout. Over the whole
-    draft: each token's top probability and ‖∂L/∂one-hot‖₂ (what token selection compares with its two
-    thresholds). In a wrong draft, at its first mistake (the first character that differs from the
-    gold chain, which an oracle knows and ∇-Reasoner does not): does the gradient prefer the right
-    token, and after DTO does the redraw (temperature 0.5) pick the right token more often? In a correct
-    draft, at its first uncertain token: does DTO push the redraw away from the (right) drafted token?
+    One pass of the DTO loss over each whole draft gives every token's top probability, entropy and
+    ‖∂L/∂one-hot‖₂, the three quantities token selection compares with its thresholds.
     """
     vocab_map = align_vocab(tok, tok, lm.get_input_embeddings().weight.shape[0])
     eos = set(lm.generation_config.eos_token_id)
-    texts = sample(lm, tok, [p.prompt for p in problems], base.rollout_temperature, max_new_tokens=base.max_new_tokens,
+    texts = sample(lm, tok, [p.prompt for p in problems], cfg.rollout_temperature, max_new_tokens=cfg.max_new_tokens,
                    seed=seed + 2)
-    uncertain_norms, confident_norms, mistake_norms, cases = [], [], [], []
-    n_tokens = n_uncertain = 0
+    sites, tokens = [], dict(top=[], entropy=[], norm=[])
     for p, text in zip(problems, texts):
         draft = ids_of(tok, text) + [tok.eos_token_id]
         prompt_ids, (rm_before, rm_after) = chat_prompt_ids(tok, p.prompt), reward_template(tok, p.prompt)
-        step = ahead_loss_and_grads(lm, rm, vocab_map, Prefix(prompt_ids, rm_before, rm_after), draft, base, eos)
+        step = ahead_loss_and_grads(lm, rm, vocab_map, Prefix(prompt_ids, rm_before, rm_after), draft, cfg, eos)
         top = step.logp.max(-1).values.exp()
-        norms = onehot_grads(step, torch.arange(len(draft)), lm, rm, vocab_map, base).norm(dim=-1)
-        unsure = top <= base.confidence_threshold
-        n_tokens, n_uncertain = n_tokens + len(draft), n_uncertain + int(unsure.sum())
-        uncertain_norms += norms[unsure].tolist()
-        confident_norms += norms[~unsure].tolist()
-        if text != p.chain:
-            s = next((i for i, (a, b) in enumerate(zip(text, p.chain)) if a != b), None)
-            if s is None:  # one is a prefix of the other: the mistake is where the shorter one ends
-                s = min(len(text), len(p.chain))
-            right = ids_of(tok, p.chain[s]) [0] if s < len(p.chain) else tok.eos_token_id
-            mistake_norms.append(float(norms[s]))
-            kind = "mistake"
-        elif unsure.any():
-            s = int(unsure.nonzero()[0])
-            right, kind = draft[s], "correct"
-        else:
-            continue
-        grad = onehot_grads(step, torch.tensor([s]), lm, rm, vocab_map, base)[0]
-        case = dict(kind=kind, uncertain=bool(unsure[s]), norm=float(norms[s]),
-                    prefers_right=bool(grad[right] < grad[draft[s]]) if right != draft[s] else None, lr={})
-        if right != draft[s]:  # the reward itself, not its linearisation: swap the right token in, keep the rest
-            swapped = tok.decode([t for t in draft[:s] + [right] + draft[s + 1:] if t not in eos])
-            case["reward_prefers_swap"] = score(rm, tok, p.prompt, swapped) > score(rm, tok, p.prompt, text)
-        prefix = Prefix(prompt_ids + draft[:s], rm_before + draft[:s], rm_after)  # same tokenizer: ids map 1:1
-        local = ahead_loss_and_grads(lm, rm, vocab_map, prefix, draft[s:], base, eos)
-        first = (draft[s], onehot_grads(local, torch.tensor([0]), lm, rm, vocab_map, base)[0])
+        norms = onehot_grads(step, torch.arange(len(draft)), lm, rm, vocab_map, cfg).norm(dim=-1)
+        tokens["top"] += top.tolist()
+        tokens["entropy"] += token_entropy(step.logp).tolist()
+        tokens["norm"] += norms.tolist()
 
-        def full_grad(token: int, prefix=prefix, rest=draft[s + 1:]) -> torch.Tensor:
-            again = ahead_loss_and_grads(lm, rm, vocab_map, prefix, [token] + rest, base, eos)
-            return onehot_grads(again, torch.tensor([0]), lm, rm, vocab_map, base)[0]
-        before = (local.logp[0] / base.resample_temperature).softmax(-1)[right].item()
-        for lr in lrs:
-            z, n_full, _ = dto(local.logp[0], full_grad, replace(base, lr=lr), first=first)
-            after = (z / base.resample_temperature).softmax(-1)[right].item()
-            case["lr"][lr] = dict(flipped=int(z.argmax()) != int(local.logp[0].argmax()),
-                                  to_right=int(z.argmax()) == right != int(local.logp[0].argmax()),
-                                  p_before=before, p_after=after, full_passes=n_full)
-        cases.append(case)
-    mistakes = [c for c in cases if c["kind"] == "mistake"]
-    correct = [c for c in cases if c["kind"] == "correct"]
-    by_lr = {}
-    for lr in lrs:
-        def mean(rows, key):
-            return statistics.mean(r["lr"][lr][key] for r in rows) if rows else float("nan")
-        gain_wrong = mean(mistakes, "p_after") - mean(mistakes, "p_before")
-        gain_right = mean(correct, "p_after") - mean(correct, "p_before")
-        by_lr[lr] = dict(
-            flip_rate_at_mistakes=mean(mistakes, "flipped"), flips_to_right=mean(mistakes, "to_right"),
-            p_right_at_mistakes=(mean(mistakes, "p_before"), mean(mistakes, "p_after")),
-            flip_rate_on_correct=mean(correct, "flipped"),
-            p_drafted_on_correct=(mean(correct, "p_before"), mean(correct, "p_after")),
-            full_passes=mean(cases, "full_passes"),
-            # the change in the chance that the redraw picks the right token, over all examined positions
-            net_gain=(gain_wrong * len(mistakes) + gain_right * len(correct)) / max(len(cases), 1))
-    prefers = [c["prefers_right"] for c in mistakes if c["prefers_right"] is not None]
-    swaps = [c["reward_prefers_swap"] for c in mistakes if "reward_prefers_swap" in c]
-    above = sum(x >= base.grad_norm_threshold for x in uncertain_norms) / max(len(uncertain_norms), 1)
-    return dict(drafts=len(problems), tokens=n_tokens, uncertain_fraction=n_uncertain / max(n_tokens, 1),
-                share_uncertain_above_paper_threshold=above,
-                norm_uncertain=[_percentile(uncertain_norms, q) for q in (0.1, 0.5, 0.9, 1.0)],
-                norm_confident=[_percentile(confident_norms, q) for q in (0.1, 0.5, 0.9, 1.0)],
-                wrong_drafts=len(mistakes), mistake_uncertain=statistics.mean(c["uncertain"] for c in mistakes)
-                if mistakes else float("nan"),
-                norm_mistake=[_percentile(mistake_norms, q) for q in (0.1, 0.5, 0.9, 1.0)],
-                gradient_prefers_right=statistics.mean(prefers) if prefers else float("nan"),
-                reward_prefers_swap=statistics.mean(swaps) if swaps else float("nan"),
-                correct_drafts_examined=len(correct), by_lr=by_lr)
+        def site(kind: str, s: int, right: int) -> Site:  # same tokenizer: the RM's ids are the LM's
+            return Site(kind, step.logp[s], right, draft[s], Prefix(prompt_ids + draft[:s], rm_before + draft[:s], rm_after),
+                        draft[s + 1:], draft, s, p.prompt)
+        gold = ids_of(tok, p.chain) + [tok.eos_token_id]
+        unsure = (top <= cfg.confidence_threshold).nonzero().flatten().tolist()
+        if draft != gold:
+            s = next(i for i, (a, b) in enumerate(zip(draft + [-1], gold + [-1])) if a != b)
+            sites.append(site("mistake", s, gold[s] if s < len(gold) else tok.eos_token_id))
+        elif unsure:
+            sites.append(site("correct", unsure[0], draft[unsure[0]]))
+        chosen = [s for s in unsure if norms[s] >= cfg.grad_norm_threshold]
+        if chosen:
+            s = chosen[0]
+            sites.append(site("selected", s, gold[s] if s < len(gold) else -1))
+    return sites, {k: torch.tensor(v) for k, v in tokens.items()}
 
 
-def print_diagnostics(d: dict, base: NablaConfig) -> None:
-    fmt = lambda q: "  ".join(f"{x:.3g}" for x in q)
-    print(f"\nDTO on {d['drafts']} validation drafts (temperature {base.rollout_temperature}):")
-    print(f"  tokens with top probability <= {base.confidence_threshold}: "
-          f"{d['uncertain_fraction']:.1%} of {d['tokens']}")
-    print(f"  ‖∂L/∂one-hot‖₂ percentiles 10/50/90/100:  uncertain tokens {fmt(d['norm_uncertain'])}"
-          f"  | confident {fmt(d['norm_confident'])}  | first mistakes {fmt(d['norm_mistake'])}"
-          f"   (paper's threshold: {base.grad_norm_threshold:g})")
-    print(f"  wrong drafts: {d['wrong_drafts']}; first mistake at an uncertain token: {d['mistake_uncertain']:.0%};"
-          f" there the gradient prefers the right token {d['gradient_prefers_right']:.0%} of the time;"
-          f" the reward model scores the draft higher with the right token swapped in {d['reward_prefers_swap']:.0%}")
-    print(f"  {'lr':>6}  {'argmax flips':>12}  {'to right':>8}  {'P(right) redraw':>16}  "
-          f"{'flips on correct':>16}  {'P(drafted) on correct':>21}  {'full passes':>11}  {'net gain':>8}")
-    for lr, r in d["by_lr"].items():
-        a, b = r["p_right_at_mistakes"]
-        c, e = r["p_drafted_on_correct"]
-        print(f"  {lr:>6g}  {r['flip_rate_at_mistakes']:>12.0%}  {r['flips_to_right']:>8.0%}  {a:>7.3f} -> {b:<6.3f}  "
-              f"{r['flip_rate_on_correct']:>16.0%}  {c:>10.3f} -> {e:<8.3f}  {r['full_passes']:>11.1f}  "
-              f"{r['net_gain']:>+8.4f}")
+def run_dto(lm, rm, tok, site: Site, cfg: NablaConfig, use_first: bool = True):
+    """DTO at one site, as NablaReasoner runs it: from the LLM's logits, the draft's gradient reused for
+    the drafted token. Returns the optimized logits, the number of full passes of both models, and the
+    gradient ∂L/∂one-hot at the drafted token (what token selection computed)."""
+    vocab_map = align_vocab(tok, tok, lm.get_input_embeddings().weight.shape[0])
+    eos = set(lm.generation_config.eos_token_id)
+
+    def full_grad(token: int) -> torch.Tensor:
+        step = ahead_loss_and_grads(lm, rm, vocab_map, site.prefix, [token] + site.rest, cfg, eos)
+        return onehot_grads(step, torch.tensor([0]), lm, rm, vocab_map, cfg)[0]
+    first = (site.drafted, full_grad(site.drafted))
+    z, n_full, _ = dto(site.logp, full_grad, cfg, first=first if use_first else None)
+    return z, n_full, first[1]
 
 
-def tuned_config(d: dict, base: NablaConfig) -> tuple[NablaConfig, str]:
-    """Settings for these tiny models, chosen on validation drafts (never on the test problems)."""
-    lr = max(d["by_lr"], key=lambda k: d["by_lr"][k]["net_gain"])
-    if not d["by_lr"][lr]["net_gain"] > 0:  # (also when it is NaN: no position to judge by)
-        lr = base.lr
-    threshold = round(d["norm_uncertain"][1], 4)
-    share = d["share_uncertain_above_paper_threshold"]
-    reason = (f"grad_norm_threshold {threshold:g} = the median ‖∂L/∂one-hot‖₂ at uncertain tokens, so DTO looks "
-              f"at the half of them the loss is most sensitive to (the paper's {base.grad_norm_threshold:g} passes "
-              f"only {share:.0%} of them); ")
-    if d["by_lr"][lr]["net_gain"] > 0:
-        reason += f"lr {lr:g} = the rate whose DTO most raised the redraw's chance of the right token on validation drafts"
-    else:
-        reason += (f"lr kept at the paper's {base.lr:g}: no learning rate raised the redraw's chance of the right "
-                   f"token on validation drafts")
-    return replace(base, lr=lr, grad_norm_threshold=threshold), reason
+def redraw_probs(z: torch.Tensor, cfg: NablaConfig) -> torch.Tensor:
+    return (z.float() / cfg.resample_temperature).softmax(-1)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return float((p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum())
+
+
+def sharpened(z0: torch.Tensor, target_kl: float, cfg: NablaConfig) -> torch.Tensor:
+    """The control: z0 scaled by c ≥ 1 (sharpening, no reward) so the redraw moves by target_kl, found by bisection."""
+    base = redraw_probs(z0, cfg)
+    lo, hi = 1.0, 1.0
+    while kl(redraw_probs(hi * z0, cfg), base) < target_kl and hi < 1e4:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kl(redraw_probs(mid * z0, cfg), base) < target_kl else (lo, mid)
+    return hi * z0
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error of the mean."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan")
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), se
+
+
+def ratio_se(num: list[float], den: list[float]) -> tuple[float, float]:
+    """Σnum/Σden over problems, with the delta-method standard error (problems are the independent units)."""
+    total = sum(den)
+    if not total:
+        return float("nan"), float("nan")
+    r = sum(num) / total
+    return r, math.sqrt(sum((a - r * b) ** 2 for a, b in zip(num, den))) / total
+
+
+def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int, entropy_threshold: float = 0.25,
+               big_lr: float = 1.0) -> dict:
+    """What DTO does at single tokens of test drafts, against two controls, and what skipping saves.
+
+    At the first wrong token of each wrong draft, the redraw's chance of the right token: after DTO;
+    after a likelihood-only DTO (λ = 0); and after sharpening the LLM's logits (z → c·z, no reward) by
+    the same KL as DTO moved them. Sharpening raises p(right) wherever the LLM's argmax is already
+    right, so only a gain beyond both controls is the reward's doing. The same at learning rate big_lr,
+    where DTO moves the logits a lot (not a tuned setting: what a DTO that moves does). And two
+    questions behind the result: does the gradient prefer the right token to the drafted one, and
+    does the reward model itself score the draft higher with the right token swapped in?
+    """
+    sites, tokens = draft_sites(lm, rm, tok, problems, cfg, seed)
+    eos = set(lm.generation_config.eos_token_id)
+    text = lambda ids: tok.decode([t for t in ids if t not in eos])
+    rows = []
+    for s in (s for s in sites if s.kind == "mistake"):
+        p0 = redraw_probs(s.logp, cfg)
+        z, _, grad = run_dto(lm, rm, tok, s, cfg)
+        p_dto = redraw_probs(z, cfg)
+        p_lik = redraw_probs(run_dto(lm, rm, tok, s, replace(cfg, reward_coeff=0.0))[0], cfg)
+        p_sharp = redraw_probs(sharpened(s.logp, kl(p_dto, p0), cfg), cfg)
+        p_big = redraw_probs(run_dto(lm, rm, tok, s, replace(cfg, lr=big_lr))[0], cfg)
+        p_big_sharp = redraw_probs(sharpened(s.logp, kl(p_big, p0), cfg), cfg)
+        # The reward itself, not its linearisation: the right token swapped in, the rest of the draft kept.
+        swapped = s.draft[:s.position] + [s.right] + s.draft[s.position + 1:]
+        rows.append(dict(before=float(p0[s.right]), dto=float(p_dto[s.right]), likelihood_only=float(p_lik[s.right]),
+                         sharpened=float(p_sharp[s.right]), kl=kl(p_dto, p0), argmax_right=int(s.logp.argmax()) == s.right,
+                         big=float(p_big[s.right]), big_sharpened=float(p_big_sharp[s.right]),
+                         gradient_prefers_right=bool(grad[s.right] < grad[s.drafted]),
+                         reachable=bool(s.logp.max().exp() <= cfg.confidence_threshold
+                                        and grad.norm() >= cfg.grad_norm_threshold),
+                         reward_prefers_swap=score(rm, tok, s.prompt, text(swapped))
+                         > score(rm, tok, s.prompt, text(s.draft))))
+    selected = [s for s in sites if s.kind == "selected"]
+    passes_cache = [run_dto(lm, rm, tok, s, cfg, use_first=False)[1] for s in selected]
+    passes_reuse = [run_dto(lm, rm, tok, s, cfg)[1] for s in selected]
+    n = len(tokens["top"])
+    confident = tokens["top"] > cfg.confidence_threshold
+    flat = tokens["norm"] < cfg.grad_norm_threshold
+    share = lambda mask: (float(mask.float().mean()), math.sqrt(float(mask.float().mean()) * (1 - float(mask.float().mean())) / n))
+    col = lambda key: [r[key] for r in rows]
+    return dict(
+        drafts=len(problems), wrong_drafts=len(rows), tokens=n,
+        p_right=dict(before=mean_se(col("before")), dto=mean_se(col("dto")), likelihood_only=mean_se(col("likelihood_only")),
+                     sharpened=mean_se(col("sharpened"))),
+        dto_minus_sharpened=mean_se(a - b for a, b in zip(col("dto"), col("sharpened"))),
+        dto_minus_likelihood_only=mean_se(a - b for a, b in zip(col("dto"), col("likelihood_only"))),
+        big_lr=big_lr, p_right_big_lr=mean_se(col("big")), p_right_big_lr_sharpened=mean_se(col("big_sharpened")),
+        big_lr_minus_sharpened=mean_se(a - b for a, b in zip(col("big"), col("big_sharpened"))),
+        gradient_prefers_right=mean_se(col("gradient_prefers_right")), reward_prefers_swap=mean_se(col("reward_prefers_swap")),
+        mistake_reachable=mean_se(col("reachable")),
+        where_argmax_wrong=dict(sites=sum(not r["argmax_right"] for r in rows),
+                                dto_minus_sharpened=mean_se(r["dto"] - r["sharpened"] for r in rows if not r["argmax_right"])),
+        skipped_confident=share(confident), skipped_flat_gradient=share(flat),
+        skipped_low_entropy=share(tokens["entropy"] < entropy_threshold), entropy_threshold=entropy_threshold,
+        skipped_confident_or_flat=share(confident | flat),
+        selected_sites=len(selected), passes_without_cache=float(cfg.dto_iters),
+        passes_with_cache=mean_se(passes_cache), passes_with_cache_and_reuse=mean_se(passes_reuse))
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation with eval_math's methods
 
 
-def run_method(label: str, method: str, n: int, config: NablaConfig, problems: list[Problem], models, seed: int) -> dict:
-    """One method on every problem through eval_math.solve; accuracy, model calls, rejection rate."""
-    from eval_math import is_correct, problem_seed, solve
-
-    start, rows = time.perf_counter(), []
-    for i, p in enumerate(problems):
-        r = solve(method, p.prompt, models, n=n, seed=problem_seed(seed, i), config=config)
-        rows.append(dict(correct=is_correct(r["response"], p.answer), calls=r["model_calls"],
-                         tokens=r["generated_tokens"], proposed=r["stats"].get("revisions_proposed", 0),
-                         accepted=r["stats"].get("revisions_accepted", 0),
-                         # self-consistency reports every sample's answer: is any of them right?
-                         any_right=any(is_correct(f"\\boxed{{{a}}}", p.answer) for a in r["stats"].get("answers", [])
-                                       if a)))
-    proposed = sum(r["proposed"] for r in rows)
-    result = dict(label=label, method=method, n=n, problems=len(rows),
-                  accuracy=statistics.mean(r["correct"] for r in rows),
-                  model_calls=statistics.mean(r["calls"] for r in rows),
-                  generated_tokens=statistics.mean(r["tokens"] for r in rows),
-                  revisions_proposed=proposed / len(rows),
-                  rejection_rate=1 - sum(r["accepted"] for r in rows) / proposed if proposed else None,
-                  pass_at_n=statistics.mean(r["any_right"] for r in rows) if method == "sc" else None,
-                  seconds=round(time.perf_counter() - start, 1))
-    print(f"  {label:<34} N={n}  accuracy {result['accuracy']:6.1%}  model calls {result['model_calls']:6.1f}"
-          f"  ({result['seconds']:.0f}s)", flush=True)
+def summary(label: str, method: str, n: int, rows: list[dict], seconds: float) -> dict:
+    accuracy = mean_se(r["correct"] for r in rows)
+    rejection = ratio_se([r["proposed"] - r["accepted"] for r in rows], [r["proposed"] for r in rows])
+    result = dict(label=label, method=method, n=n, problems=len(rows), accuracy=accuracy,
+                  model_calls=statistics.mean(r["calls"] for r in rows), forward_tokens=statistics.mean(r["fte"] for r in rows),
+                  revisions_proposed=statistics.mean(r["proposed"] for r in rows), rejection_rate=rejection,
+                  correct=[int(r["correct"]) for r in rows], seconds=round(seconds, 1))
+    print(f"  {label:<40} N={n}  accuracy {accuracy[0]:6.1%} ± {accuracy[1]:.1%}  model calls {result['model_calls']:6.1f}"
+          f"  forward-token-equivalents {result['forward_tokens']:7.0f}  ({seconds:.0f}s)", flush=True)
     return result
 
 
-def print_table(results: list[dict]) -> None:
-    print(f"\n{'method':<36}{'N':>3}{'accuracy':>10}{'model calls':>13}{'proposed':>10}{'rejection rate':>16}{'seconds':>9}")
-    for r in results:
-        rejection = "-" if r["rejection_rate"] is None else f"{r['rejection_rate']:.1%}"
-        proposed = "-" if r["method"] != "nabla" else f"{r['revisions_proposed']:.2f}"
-        print(f"{r['label']:<36}{r['n']:>3}{r['accuracy']:>10.1%}{r['model_calls']:>13.1f}{proposed:>10}"
-              f"{rejection:>16}{r['seconds']:>9.0f}")
+def run_samplers(problems: list[Problem], models, config: NablaConfig, ns: tuple, seed: int) -> dict:
+    """Greedy, and self-consistency and best-of-N at every N in ns from one set of max(ns) samples per problem.
 
-
-def print_curve(curve: dict[str, list[dict]], path: Path | None) -> None:
-    ns = sorted({r["n"] for rows in curve.values() for r in rows})
-    print("\naccuracy (mean model calls) against N: N samples for sc and bon, max_rollouts = N for ∇-Reasoner")
-    print(f"{'N':>3}" + "".join(f"{name:>24}" for name in curve))
+    The first N of the samples make an N-sample run; the choice rules are eval_math's (solve's): the
+    vote's first winning sample, the first sample of the highest reward. Model calls and forward-token-
+    equivalents as solve counts them: a generated token each, a reward scoring each; each sample's prompt
+    and tokens but the last, and the reward model's tokens for each scored sample.
+    """
+    from eval_math import is_correct, problem_seed, sample_responses, solve, vote
+    tok, rm, start = models.lm_tokenizer, models.rm, time.perf_counter()
+    greedy, runs = [], {(m, n): [] for m in ("sc", "bon") for n in ns}
+    for i, p in enumerate(problems):
+        prompt_len = len(chat_prompt_ids(tok, p.prompt))
+        g = solve("greedy", p.prompt, models, n=1, seed=problem_seed(seed, i), config=config)
+        greedy.append(dict(correct=is_correct(g["response"], p.answer), calls=g["model_calls"],
+                           fte=g["forward_token_equivalents"], proposed=0, accepted=0))
+        samples = sample_responses(models, p.prompt, max(ns), problem_seed(seed, i), config)
+        rewards = [score(rm, tok, p.prompt, s.scored_text) for s in samples]
+        right = [is_correct(s.text, p.answer) for s in samples]
+        rm_len = [len(rm_inputs(tok, p.prompt, s.scored_text)) for s in samples]
+        for n in ns:
+            tokens = sum(s.tokens for s in samples[:n])
+            chosen = dict(sc=vote([s.text for s in samples[:n]])[0], bon=max(range(n), key=rewards.__getitem__))
+            for m in ("sc", "bon"):
+                runs[m, n].append(dict(correct=right[chosen[m]], calls=tokens + (n if m == "bon" else 0),
+                                       fte=n * (prompt_len - 1) + tokens + (sum(rm_len[:n]) if m == "bon" else 0),
+                                       proposed=0, accepted=0, some_right=any(right[:n])))
+    seconds = time.perf_counter() - start
+    out = dict(greedy=summary("greedy", "greedy", 1, greedy, seconds))
     for n in ns:
-        cells = []
-        for rows in curve.values():
-            r = next((r for r in rows if r["n"] == n), None)
-            cells.append(f"{r['accuracy']:.1%} ({r['model_calls']:.0f})" if r else "-")
-        print(f"{n:>3}" + "".join(f"{c:>24}" for c in cells))
-    ceiling = "  ".join(f"N={r['n']}: {r['pass_at_n']:.1%}" for r in curve["self-consistency"])
-    print(f"some sample right (pass@N; best-of-N with a perfect reward model would score this): {ceiling}")
+        out["sc", n] = summary("self-consistency", "sc", n, runs["sc", n], 0)
+        out["bon", n] = summary("best-of-N (reward model)", "bon", n, runs["bon", n], 0)
+        out["pass", n] = mean_se(r["some_right"] for r in runs["sc", n])
+    return out
+
+
+def run_nabla(label: str, n: int, config: NablaConfig, problems: list[Problem], models, seed: int) -> dict:
+    """∇-Reasoner on every problem through eval_math.solve; accuracy, calls, forward tokens, rejections."""
+    from eval_math import is_correct, problem_seed, solve
+    rows, start = [], time.perf_counter()
+    for i, p in enumerate(problems):
+        r = solve("nabla", p.prompt, models, n=n, seed=problem_seed(seed, i), config=config)
+        st = r["stats"]
+        rows.append(dict(correct=is_correct(r["response"], p.answer), calls=r["model_calls"],
+                         fte=r["forward_token_equivalents"], proposed=st["revisions_proposed"],
+                         accepted=st["revisions_accepted"], cached=st["cached_steps"], optimized=st["optimized_tokens"]))
+    result = summary(label, "nabla", n, rows, time.perf_counter() - start)
+    result["cached_share"] = ratio_se([r["cached"] for r in rows], [r["optimized"] * config.dto_iters for r in rows])
+    return result
+
+
+def tune(lm, rm, tok, problems: list[Problem], base: NablaConfig, n: int, seed: int,
+         lrs=(0.01, 0.1, 1.0)) -> tuple[NablaConfig, dict]:
+    """The learning rate and the gradient-norm threshold for these models, chosen on validation problems.
+
+    The paper's values were set for a 152k vocabulary and a 7B model (its threshold of 4 passes few
+    tokens here), so ∇-Reasoner with the rollout budget n runs on the validation problems for each
+    learning rate in lrs and each threshold of: 0 (every uncertain token), the median ‖∂L/∂one-hot‖₂
+    among uncertain tokens of validation drafts, and the paper's 4. The most accurate pair is kept
+    (the first of equals, so the smaller learning rate and threshold).
+    """
+    from eval_math import Models
+    _, tokens = draft_sites(lm, rm, tok, problems, base, seed)
+    unsure = tokens["top"] <= base.confidence_threshold
+    median = round(float(tokens["norm"][unsure].median()), 4) if unsure.any() else base.grad_norm_threshold
+    models, accuracy = Models(lm, tok, rm, tok), {}
+    for lr in lrs:
+        for threshold in (0.0, median, base.grad_norm_threshold):
+            cfg = replace(base, lr=lr, grad_norm_threshold=threshold)
+            accuracy[lr, threshold] = run_nabla(f"validation: lr {lr:g}, threshold {threshold:g}", n, cfg, problems,
+                                                models, seed)["accuracy"][0]
+    lr, threshold = max(accuracy, key=accuracy.get)
+    return replace(base, lr=lr, grad_norm_threshold=threshold), dict(
+        accuracy={f"lr {k[0]:g}, threshold {k[1]:g}": v for k, v in accuracy.items()}, problems=len(problems),
+        median_threshold=median, uncertain_share=float(unsure.float().mean()),
+        share_uncertain_above_paper_threshold=float((tokens["norm"][unsure] >= base.grad_norm_threshold).float().mean()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The bracket, the claims and the curve
+
+
+def verdict(value: float, se: float) -> str:
+    """A claim that predicts a positive difference: it holds when the difference is over two standard errors."""
+    if value != value or se != se:
+        return "not measured"
+    return "holds" if value > 2 * se else "reversed" if value < -2 * se else "not shown (within 2 SE)"
+
+
+def paired(a: dict, b: dict) -> tuple[float, float]:
+    """Accuracy of a minus accuracy of b on the same problems, with the paired standard error."""
+    return mean_se(x - y for x, y in zip(a["correct"], b["correct"]))
+
+
+def claim_rows(res: dict, d: dict) -> list[dict]:
+    """The paper's claims one at a time: each a measured difference that should be positive, and a verdict."""
+    top = max(res["nabla"])
+    nab, bon, sc = res["nabla"][top], res["bon", top], res["sc", top]
+    rows = []
+
+    def row(claim: str, measured: str, value: float, se: float, fmt: str = "+.1%"):
+        rows.append(dict(claim=claim, measured=measured, value=value, se=se, verdict=verdict(value, se),
+                         text=f"{value:{fmt}} ± {se:{fmt[1:]}}"))
+    r0, r1 = res["no_dto"]["rejection_rate"], nab["rejection_rate"]
+    row("Table 2: DTO lowers the rejection rate of revisions",
+        f"rejection without DTO {r0[0]:.1%} -> with DTO {r1[0]:.1%} (same thresholds, N={top})",
+        r0[0] - r1[0], math.hypot(r0[1], r1[1]))
+    if "nabla_big_lr" in res:
+        r2 = res["nabla_big_lr"]["rejection_rate"]
+        row("... the same with DTO at lr 1 (not tuned), where DTO moves the logits",
+            f"rejection without DTO {r0[0]:.1%} -> with DTO at lr 1 {r2[0]:.1%}", r0[0] - r2[0], math.hypot(r0[1], r2[1]))
+    p = d["p_right"]
+    row("DTO moves p(right token) more than sharpening by the same KL",
+        f"first wrong token of {d['wrong_drafts']} wrong test drafts: p(right) {p['before'][0]:.3f} -> DTO "
+        f"{p['dto'][0]:.3f}, sharpened {p['sharpened'][0]:.3f}", *d["dto_minus_sharpened"], fmt="+.4f")
+    w = d["where_argmax_wrong"]
+    row("... at those where the LLM's argmax is wrong (sharpening cannot win there)",
+        f"{w['sites']} of the {d['wrong_drafts']} first wrong tokens", *w["dto_minus_sharpened"], fmt="+.4f")
+    row("DTO moves p(right token) more than a likelihood-only DTO (λ = 0)",
+        f"likelihood-only {p['likelihood_only'][0]:.3f}", *d["dto_minus_likelihood_only"], fmt="+.4f")
+    row(f"... the same at lr {d['big_lr']:g} (not tuned), where DTO moves the logits",
+        f"p(right) -> DTO {d['p_right_big_lr'][0]:.3f}, sharpened by the same KL {d['p_right_big_lr_sharpened'][0]:.3f}",
+        *d["big_lr_minus_sharpened"], fmt="+.4f")
+    for key, what in (("mistake_reachable", "token selection can reach the first wrong token"),
+                      ("gradient_prefers_right", "∂L/∂one-hot prefers the right token to the drafted"),
+                      ("reward_prefers_swap", "the reward is higher with the right token swapped in")):
+        row(f"(why) {what}", "share of those first wrong tokens", d[key][0] - 0.5, d[key][1])
+        rows[-1].update(text=f"{d[key][0]:.1%} ± {d[key][1]:.1%}", verdict="(diagnostic)")
+    for key, what in (("skipped_confident", "confidence (top p > 0.97)"), ("skipped_flat_gradient", "gradient norm"),
+                      ("skipped_low_entropy", f"entropy < {d['entropy_threshold']} nats (not used)"),
+                      ("skipped_confident_or_flat", "confidence or gradient (the rule used)")):
+        share, se = d[key]  # the paper's claim is that most tokens are skipped: more than half
+        row(f"Skipping: draft tokens skipped by {what}", f"{d['tokens']} tokens of {d['drafts']} test drafts",
+            share - 0.5, se)
+        rows[-1].update(text=f"{share:.1%} ± {se:.1%}", verdict="(one criterion)" if "rule used" not in what
+                        else rows[-1]["verdict"])
+    saved = d["passes_without_cache"] - d["passes_with_cache_and_reuse"][0]
+    row("Gradient caching and selection reuse save full passes",
+        f"passes per optimized token at {d['selected_sites']} selected test tokens: {d['passes_without_cache']:.0f} "
+        f"without caching, {d['passes_with_cache'][0]:.2f} with caching, {d['passes_with_cache_and_reuse'][0]:.2f} "
+        f"with caching and reuse", saved, d["passes_with_cache_and_reuse"][1], fmt="+.2f")
+    for name, other in (("best-of-N", bon), ("self-consistency", sc), ("greedy", res["greedy"])):
+        row(f"Table 1: ∇-Reasoner is more accurate than {name}",
+            f"N={top}: {nab['accuracy'][0]:.1%} ({nab['model_calls']:.0f} calls) vs {other['accuracy'][0]:.1%} "
+            f"({other['model_calls']:.0f} calls)", *paired(nab, other))
+    # Figure 4: at a matched budget, ∇-Reasoner (N=top) against the largest best-of-N that costs no more.
+    for key, unit in (("model_calls", "model calls"), ("forward_tokens", "forward-token-equivalents")):
+        cheaper = [res["bon", n] for n in sorted(res["nabla"]) if res["bon", n][key] <= nab[key]]
+        if cheaper:
+            other = cheaper[-1]
+            row(f"Figure 4: ∇-Reasoner beats best-of-N at equal {unit}",
+                f"∇-Reasoner N={top} {nab['accuracy'][0]:.1%} ({nab[key]:.0f}) vs best-of-{other['n']} "
+                f"{other['accuracy'][0]:.1%} ({other[key]:.0f}), the largest N that costs no more", *paired(nab, other))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'method':<44}{'N':>3}{'accuracy':>16}{'model calls':>13}{'fwd-token-eq':>14}{'proposed':>10}{'rejection':>16}")
+    for r in rows:
+        acc, rej = r["accuracy"], r["rejection_rate"]
+        rejection = "-" if rej[0] != rej[0] else f"{rej[0]:.1%} ± {rej[1]:.1%}"
+        proposed = "-" if r["method"] != "nabla" else f"{r['revisions_proposed']:.2f}"
+        print(f"{r['label']:<44}{r['n']:>3}{acc[0]:>9.1%} ± {acc[1]:.1%}{r['model_calls']:>13.1f}{r['forward_tokens']:>14.0f}"
+              f"{proposed:>10}{rejection:>16}")
+
+
+def print_claims(rows: list[dict]) -> None:
+    print(f"\n{'claim':<72}{'difference':>18}  verdict")
+    for r in rows:
+        print(f"{r['claim']:<72}{r['text']:>18}  {r['verdict']}\n      {r['measured']}")
+
+
+def print_bracket(res: dict, ns: tuple) -> None:
+    top = max(ns)
+    g, p, b, s = res["greedy"]["accuracy"], res["pass", top], res["bon", top]["accuracy"], res["sc", 1]["accuracy"]
+    print(f"\nthe bracket on {res['greedy']['problems']} test problems, before ∇-Reasoner runs:"
+          f"\n  one sampled draft (temperature 0.6)     {s[0]:6.1%} ± {s[1]:.1%}"
+          f"\n  greedy                                  {g[0]:6.1%} ± {g[1]:.1%}"
+          f"\n  best-of-{top} with the reward model          {b[0]:6.1%} ± {b[1]:.1%}"
+          f"\n  pass@{top}: some sample right (a perfect selector) {p[0]:6.1%} ± {p[1]:.1%}"
+          f"\n  (the paper's objective cannot be maximized by enumeration here: chains have up to 31 characters)")
+
+
+def print_curve(res: dict, ns: tuple, path: Path | None) -> None:
+    curves = {"self-consistency": [res["sc", n] for n in ns], "best-of-N": [res["bon", n] for n in ns],
+              "∇-Reasoner": [res["nabla"][n] for n in ns]}
+    print("\naccuracy ± standard error (mean model calls; mean forward-token-equivalents) against N:"
+          "\nN samples for self-consistency and best-of-N, the rollout budget for ∇-Reasoner")
+    print(f"{'N':>3}" + "".join(f"{name:>32}" for name in curves) + f"{'pass@N':>10}")
+    for i, n in enumerate(ns):
+        cells = [f"{r['accuracy'][0]:.1%}±{r['accuracy'][1]:.1%} ({r['model_calls']:.0f}; {r['forward_tokens']:.0f})"
+                 for r in (c[i] for c in curves.values())]
+        print(f"{n:>3}" + "".join(f"{c:>32}" for c in cells) + f"{res['pass', n][0]:>10.1%}")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    if path is not None:
-        for name, rows in curve.items():
-            plt.plot([r["model_calls"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name)
-        plt.xlabel("mean model calls per problem")
-        plt.ylabel("accuracy (%)")
-        plt.xscale("log")
-        plt.legend()
-        plt.savefig(path, dpi=120)
-        print(f"curve plotted in {path}")
+    if path is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, xlabel in ((axes[0], "model_calls", "mean model calls per problem"),
+                            (axes[1], "forward_tokens", "mean forward-token-equivalents per problem")):
+        for name, rows in curves.items():
+            ax.errorbar([r[key] for r in rows], [100 * r["accuracy"][0] for r in rows],
+                        yerr=[100 * r["accuracy"][1] for r in rows], marker="o", capsize=3, label=name)
+        ax.axhline(100 * res["greedy"]["accuracy"][0], color="gray", ls=":", label="greedy")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"curve plotted in {path}")
+
+
+def by_length(res: dict, problems: list[Problem], n: int) -> dict:
+    """The ∇-Reasoner-minus-best-of-N accuracy gap for chains of 2 and of 3 steps (paired, same problems)."""
+    steps = [p.prompt.count("+") + p.prompt.count("-") + p.prompt.count("*") for p in problems]
+    out = {}
+    for k in sorted(set(steps)):
+        idx = [i for i, s in enumerate(steps) if s == k]
+        pick = lambda r: [r["correct"][i] for i in idx]
+        out[k] = dict(problems=len(idx), nabla=statistics.mean(pick(res["nabla"][n])), bon=statistics.mean(pick(res["bon", n])),
+                      greedy=statistics.mean(pick(res["greedy"])),
+                      gap=mean_se(a - b for a, b in zip(pick(res["nabla"][n]), pick(res["bon", n]))))
+    print(f"\n∇-Reasoner minus best-of-{n} by chain length (paired):")
+    for k, r in out.items():
+        print(f"  {k} steps ({r['problems']} problems): greedy {r['greedy']:.1%}, best-of-{n} {r['bon']:.1%}, "
+              f"∇-Reasoner {r['nabla']:.1%}, gap {r['gap'][0]:+.1%} ± {r['gap'][1]:.1%}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,20 +899,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny step counts and 4 problems: a smoke test")
     p.add_argument("--models", help="folder of the trained models (default toy_models/, --quick: a temporary one)")
     p.add_argument("--retrain", action="store_true", help="train the models again even if they are cached")
-    p.add_argument("--problems", type=int, help="held-out test problems (default 200)")
-    p.add_argument("--rm-steps", type=int, help="reward-model training steps (default 600; more: a better reward model)")
+    p.add_argument("--problems", type=int, help="held-out test problems (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="results/toy_arith.json", help="everything measured, as JSON")
     args = p.parse_args(argv)
-    # Two threads for training on the 2-core machine; --quick's models are so small that one is as fast,
-    # and one thread does not slow to a crawl when other processes busy the cores (OpenMP spin-waits).
-    torch.set_num_threads(1 if args.quick else min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # the models are tiny; one thread is as fast and leaves the other core alone
     start = time.perf_counter()
     settings = QUICK if args.quick else TrainSettings()
-    if args.rm_steps:
-        settings = replace(settings, rm_steps=args.rm_steps)
-    n_test = args.problems or (4 if args.quick else 200)
-    ns, lrs, n_diag = ((1, 2), [0.01, 1.0], 2) if args.quick else ((1, 2, 4, 8), [0.01, 0.1, 0.3, 1.0, 3.0], 100)
+    n_test = args.problems or (4 if args.quick else 500)
+    ns, n_tune = ((1, 2), 4) if args.quick else ((1, 2, 4, 8), 100)
     test, val = held_out_problems(args.seed, n_test, settings.val_problems)
     held_out = {q.prompt for q in test + val}
     scratch = tempfile.mkdtemp(prefix="toy_arith_") if args.quick and not args.models else None
@@ -656,45 +915,47 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         tok, lm, rm, meta, trained = load_or_train(folder, settings, args.seed, val, held_out, args.retrain)
         train_seconds = time.perf_counter() - start
-        quality = pairwise_accuracy(rm, tok, lm, val, args.seed)
+        quality = reward_quality(rm, tok, lm, val, args.seed)
         print(f"policy: {meta['policy']['steps']} steps, validation greedy accuracy "
-              f"{meta['policy']['log'][-1]['val_greedy']:.1%}; reward model pairwise accuracy on held-out pairs: "
-              f"gold vs the policy's wrong samples {quality['gold_vs_policy_wrong']}, the policy's right vs wrong "
-              f"samples {quality['policy_right_vs_wrong']}, gold vs corrupted {quality['gold_vs_corrupted']}")
+              f"{meta['policy']['log'][-1]['val_greedy']:.1%}\nreward model on {len(val)} validation problems: "
+              f"gold above a one-step corruption {quality['gold_vs_corrupted']} (target 0.95); a right above a wrong "
+              f"sample of the same problem {quality['right_vs_wrong']} (target 0.90); top-scored of 8 samples right "
+              f"when some is {quality['top_is_right']}")
 
         # The paper's settings but the length limit: chains here have at most 31 characters (the untrained
         # models of --quick babble until the limit, so there it is shorter).
         paper = NablaConfig(max_new_tokens=16 if args.quick else 48)
-        diag = dto_diagnostics(lm, rm, tok, val[:n_diag], lrs, paper, args.seed)
-        print_diagnostics(diag, paper)
-        tuned, reason = tuned_config(diag, paper)
-        print(f"tuned settings: {reason}")
+        print(f"\nchoosing ∇-Reasoner's lr and grad_norm_threshold on {n_tune} validation problems (N={ns[-1]}):")
+        tuned, tuning = tune(lm, rm, tok, val[:n_tune], paper, ns[-1], args.seed)
+        print(f"chosen: lr {tuned.lr:g}, grad_norm_threshold {tuned.grad_norm_threshold:g} (the median at uncertain "
+              f"tokens is {tuning['median_threshold']:g}; the paper's {paper.grad_norm_threshold:g} passes "
+              f"{tuning['share_uncertain_above_paper_threshold']:.0%} of the uncertain tokens)")
 
         from eval_math import Models
         models = Models(lm, tok, rm, tok)
-        print(f"\nevaluating on {len(test)} held-out problems (seed {args.seed}):", flush=True)
-        go = lambda *a: run_method(*a, test, models, args.seed)
-        top = ns[-1]
-        curve = {"self-consistency": [], "best-of-N": [], "∇-Reasoner": []}
-        greedy = go("greedy", "greedy", 1, paper)
-        for n in ns:
-            curve["self-consistency"].append(go("self-consistency", "sc", n, paper))
-            curve["best-of-N"].append(go("best-of-N (reward model)", "bon", n, paper))
-            curve["∇-Reasoner"].append(go("∇-Reasoner (tuned)", "nabla", n, tuned))
-        table = [greedy, curve["self-consistency"][-1], curve["best-of-N"][-1], curve["∇-Reasoner"][-1],
-                 go("∇-Reasoner without DTO (tuned)", "nabla", top, without_dto(tuned))]
-        if tuned != paper:
-            table += [go("∇-Reasoner (paper settings)", "nabla", top, paper),
-                      go("∇-Reasoner without DTO (paper)", "nabla", top, without_dto(paper))]
-        print_table(table)
+        print(f"\nevaluating on {len(test)} held-out test problems (seed {args.seed}):", flush=True)
+        res = run_samplers(test, models, paper, ns, args.seed)
+        print_bracket(res, ns)
+        res["nabla"] = {n: run_nabla("∇-Reasoner", n, tuned, test, models, args.seed) for n in ns}
+        res["no_dto"] = run_nabla("∇-Reasoner without DTO", ns[-1], without_dto(tuned), test, models, args.seed)
+        res["nabla_big_lr"] = run_nabla("∇-Reasoner, lr 1 (not tuned)", ns[-1], replace(tuned, lr=1.0), test, models,
+                                        args.seed)
+        res["paper"] = run_nabla("∇-Reasoner, the paper's lr and threshold", ns[-1], paper, test, models, args.seed)
+        print_table([res["greedy"], res["sc", ns[-1]], res["bon", ns[-1]], res["nabla"][ns[-1]], res["no_dto"],
+                     res["nabla_big_lr"], res["paper"]])
+        d = dto_claims(lm, rm, tok, test, tuned, args.seed)
+        claims = claim_rows(res, d)
+        print_claims(claims)
         output = Path(args.output)
-        print_curve(curve, None if args.quick else output.with_suffix(".png"))
+        print_curve(res, ns, None if args.quick else output.with_suffix(".png"))
+        lengths = by_length(res, test, ns[-1])
         wall = time.perf_counter() - start
         print(f"\nwall time {wall:.0f}s (models {'trained' if trained else 'loaded'} in "
-              f"{train_seconds:.0f}s); torch {torch.__version__}, {torch.get_num_threads()} threads")
-        report = dict(seed=args.seed, problems=len(test), training=meta, reward_model_pairwise_accuracy=quality,
-                      dto_diagnostics=diag, tuned=asdict(tuned), tuned_reason=reason, paper=asdict(paper),
-                      table=table, curve=curve, wall_seconds=round(wall, 1), train_seconds=round(train_seconds, 1))
+              f"{train_seconds:.0f}s); torch {torch.__version__}, {torch.get_num_threads()} thread")
+        report = dict(seed=args.seed, problems=len(test), training=meta, reward_quality=quality, tuning=tuning,
+                      tuned=asdict(tuned), paper=asdict(paper), claims=claims, dto_claims=d, by_length=lengths,
+                      results={("_".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in res.items()},
+                      wall_seconds=round(wall, 1), train_seconds=round(train_seconds, 1))
         if not args.quick:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(report, indent=1, default=str))
