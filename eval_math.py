@@ -605,8 +605,7 @@ def summarize(records: list[dict], config: dict) -> dict:
 def _reward_scores(record: dict) -> int:
     """How many drafts the reward model scored: bon's samples, or nabla's first draft and proposals."""
     stats = record["stats"] or {}
-    return len(stats.get("rewards", [])) if record["method"] == "bon" else stats.get("rollouts", 0) * (
-        record["method"] == "nabla" and record["settings"].get("reward_model") is not None)
+    return len(stats.get("rewards", [])) if record["method"] == "bon" else stats.get("rollouts", 0)
 
 
 def _mean(values) -> float | None:
