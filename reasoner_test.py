@@ -415,7 +415,7 @@ def test_generate_invariants_in_fp32_and_bf16(tok, lm, rm, dtype, monkeypatch):
 
 def test_bf16_gradient_matches_fp32_gradient(tok, lm, rm):
     """The DTO gradient of the bf16 models is the fp32 one up to bf16 rounding: cosine > 0.99, and the
-    largest entry within 5%. (Measured on these models: cosine 0.9999, 1% off.)"""
+    largest entry within 5%. (Measured on these models: cosine 0.99999994, largest entry 0.08% off.)"""
     vocab_map = align_vocab(tok, tok, lm.config.vocab_size)
     cfg = NablaConfig(likelihood_coeff=0.5)
     ahead = ids_of(tok, "5. So x=") + [tok.eos_token_id]
