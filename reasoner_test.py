@@ -415,7 +415,7 @@ def test_generate_invariants_in_fp32_and_bf16(tok, lm, rm, dtype, monkeypatch):
 
 def test_bf16_gradient_matches_fp32_gradient(tok, lm, rm):
     """The DTO gradient of the bf16 models is the fp32 one up to bf16 rounding: cosine > 0.99, and the
-    largest entry within 5%. (Measured on these models: cosine 0.99999994, largest entry 0.08% off.)"""
+    largest entry within 1%. (Measured on these models: cosine 0.99999994, largest entry 0.08% off.)"""
     vocab_map = align_vocab(tok, tok, lm.config.vocab_size)
     cfg = NablaConfig(likelihood_coeff=0.5)
     ahead = ids_of(tok, "5. So x=") + [tok.eos_token_id]
@@ -428,7 +428,7 @@ def test_bf16_gradient_matches_fp32_gradient(tok, lm, rm):
     g32, g16 = grads
     assert g16.dtype == torch.float32
     assert F.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.99
-    assert (g16 - g32).abs().max() < 0.05 * g32.abs().max()
+    assert (g16 - g32).abs().max() < 0.01 * g32.abs().max()
 
 
 def test_reward_head_runs_in_fp32(tok, rm):
