@@ -642,6 +642,11 @@ def _method_order(record: dict) -> tuple:
     return record.get("index", 0), METHODS.index(record["method"]) if record["method"] in METHODS else 99
 
 
+def first_difference(old: dict, new: dict) -> str | None:
+    """The first field, in sorted order, whose value differs between two records' settings."""
+    return next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), None)
+
+
 def check_same_settings(sources: list[tuple[Path, list[dict]]]) -> None:
     """Records of one method must all come from the same settings, whichever file holds them."""
     seen: dict[str, tuple[dict, Path]] = {}
@@ -649,8 +654,8 @@ def check_same_settings(sources: list[tuple[Path, list[dict]]]) -> None:
         for record in records:
             settings = record.get("settings") or {}
             first = seen.setdefault(record["method"], (settings, path))
-            if settings != first[0]:
-                field = next(k for k in sorted(set(settings) | set(first[0])) if settings.get(k) != first[0].get(k))
+            field = first_difference(first[0], settings)
+            if field is not None:
                 raise InputError(f"{path} and {first[1]} hold {record['method']} results of different runs ({field}: "
                                  f"{settings.get(field)!r} vs {first[0].get(field)!r}); nothing was merged")
 
@@ -787,13 +792,12 @@ def check_same_run(done: dict, expected: dict, path: Path) -> None:
         if key not in expected:
             continue
         want = expected[key]
-        fields = [("prompt", record.get("prompt"), want["prompt"]), ("seed", record.get("seed"), want["seed"])]
-        have = record.get("settings") or {}
-        fields += [(k, have.get(k), want["settings"].get(k)) for k in sorted(set(have) | set(want["settings"]))]
-        for field, old, new in fields:
-            if old != new:
-                raise InputError(f"{path} holds results of another run ({field}: {old!r} in the file, {new!r} now, "
-                                 f"for {key[0]} {key[1]}); pick another --output or use the same options")
+        old = {"prompt": record.get("prompt"), "seed": record.get("seed"), **(record.get("settings") or {})}
+        new = {"prompt": want["prompt"], "seed": want["seed"], **want["settings"]}
+        field = first_difference(old, new)
+        if field is not None:
+            raise InputError(f"{path} holds results of another run ({field}: {old.get(field)!r} in the file, "
+                             f"{new.get(field)!r} now, for {key[0]} {key[1]}); pick another --output or use the same options")
 
 
 def prepare_output(output: Path) -> None:
