@@ -54,11 +54,11 @@ What is measured:
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -471,7 +471,7 @@ def parse_args(argv=None):
                    help="an eval_math.py summary JSON: project the table's single-GPU hours from its per-problem means")
     p.add_argument("--problems", type=int, default=500, help="problems in the projected table (default 500)")
     args = p.parse_args(argv)
-    if args.tokens_from and not os.path.isfile(args.tokens_from):
+    if args.tokens_from and not Path(args.tokens_from).is_file():
         p.error(f"--tokens-from {args.tokens_from}: no such file (an eval_math.py *.summary.json)")
     if args.prompt < 1 or args.committed < 0 or args.ahead < 1:
         p.error("need --prompt >= 1, --committed >= 0, --ahead >= 1")
@@ -570,12 +570,13 @@ def rollout_section(lm, tok, x: StepInputs, args, peak_tbps: float | None) -> tu
     lines = ["", f"rollout: {rates['tokens']} new tokens after a {len(x.prefix.lm_ids)}-token prefix, same sampling",
              f"  ours (generate on the stored prefix KV): {rates['ours']:.1f} tokens/s; plain generate from scratch: "
              f"{rates['plain']:.1f} tokens/s ({rates['ours'] / rates['plain']:.2f}x)",
-             f"  fast_rollout=True (static cache{', compiled decode step' if args.device == 'cuda' else ', not compiled on CPU'}): "
+             f"  fast_rollout=True (static cache, {'compiled' if args.device == 'cuda' else 'not compiled on CPU'}): "
              f"{rates['fast']:.1f} tokens/s ({rates['fast'] / rates['ours']:.2f}x ours)"]
     if peak_tbps:  # batch-1 decoding reads every weight but the input embedding once per token
         embedding = lm.get_input_embeddings().weight
         weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) - embedding.numel() * embedding.element_size()
-        record["rollout_bandwidth_fraction"] = {k: rates[k] * weight_bytes / (peak_tbps * 1e12) for k in ("ours", "fast")}
+        record["rollout_bandwidth_fraction"] = {k: rates[k] * weight_bytes / (peak_tbps * 1e12)
+                                                for k in ("ours", "fast")}
         lines.append(f"  decoding reads {weight_bytes / 1e9:.1f} GB of weights a token: ours at "
                      f"{record['rollout_bandwidth_fraction']['ours']:.1%}, fast at "
                      f"{record['rollout_bandwidth_fraction']['fast']:.1%} of {peak_tbps} TB/s")
@@ -588,29 +589,32 @@ def score_seconds(rm, x: StepInputs, repeats: int, device: str) -> float:
     return median_times({"score": lambda: nabla.score_ids(rm, ids)}, repeats, device)["score"]
 
 
+def workload(row: dict) -> tuple[float, float, float]:
+    """A method's mean generated tokens, gradient passes and reward scorings per problem (summary row)."""
+    return tuple(row.get(k) or 0 for k in ("mean_generated_tokens", "mean_grad_passes", "mean_reward_scores"))
+
+
 def projected_hours(summary: dict, rates: dict, step_s: float, score_s: float, problems: int) -> dict:
     """hours = problems x (tokens / rate + grad passes x step + scorings x scoring) / 3600, per method and
     rollout path, from the summary's per-problem means."""
     hours = {}
     for method, row in summary["methods"].items():
-        tokens, passes, scores = (row.get(k) or 0 for k in ("mean_generated_tokens", "mean_grad_passes",
-                                                            "mean_reward_scores"))
+        tokens, passes, scores = workload(row)
         hours[method] = {path: problems * (tokens / rates[path] + passes * step_s + scores * score_s) / 3600
                          for path in ("ours", "fast")}
     return hours
 
 
 def projection_section(record: dict, args) -> list[str]:
-    summary = json.loads(open(args.tokens_from).read())
+    summary = json.loads(Path(args.tokens_from).read_text())
     hours = projected_hours(summary, record["rollout_tokens_per_s"], record["dto_step_ms"]["ours"] / 1e3,
                             record["score_ms"] / 1e3, args.problems)
     record["projected_hours"] = hours
     lines = ["", f"projected single-GPU hours for {args.problems} problems, per-problem means from {args.tokens_from}",
              f"  {'method':8s} {'tokens':>8s} {'grad passes':>12s} {'scorings':>9s} {'hours':>8s} {'fast':>8s}"]
     for method, h in hours.items():
-        row = summary["methods"][method]
-        lines.append(f"  {method:8s} {row.get('mean_generated_tokens') or 0:8.0f} {row.get('mean_grad_passes') or 0:12.1f} "
-                     f"{row.get('mean_reward_scores') or 0:9.1f} {h['ours']:8.1f} {h['fast']:8.1f}")
+        tokens, passes, scores = workload(summary["methods"][method])
+        lines.append(f"  {method:8s} {tokens:8.0f} {passes:12.1f} {scores:9.1f} {h['ours']:8.1f} {h['fast']:8.1f}")
     lines.append(f"  table: {sum(h['ours'] for h in hours.values()):.1f} h, "
                  f"{sum(h['fast'] for h in hours.values()):.1f} h with fast rollouts")
     return lines

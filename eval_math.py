@@ -797,7 +797,8 @@ def check_same_run(done: dict, expected: dict, path: Path) -> None:
         field = first_difference(old, new)
         if field is not None:
             raise InputError(f"{path} holds results of another run ({field}: {old.get(field)!r} in the file, "
-                             f"{new.get(field)!r} now, for {key[0]} {key[1]}); pick another --output or use the same options")
+                             f"{new.get(field)!r} now, for {key[0]} {key[1]}); pick another --output or use the "
+                             f"same options")
 
 
 def prepare_output(output: Path) -> None:

@@ -431,14 +431,16 @@ class NablaReasoner:
         vocab_rows = lm.get_input_embeddings().weight.shape[0]
         if lm.get_output_embeddings().weight.shape[0] != vocab_rows:
             raise ValueError("the LM's input and output vocabularies differ in size")
-        self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm.requires_grad_(False), lm_tokenizer, rm, rm_tokenizer
+        lm.requires_grad_(False)  # frozen: see the class docstring
+        self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm, lm_tokenizer, rm, rm_tokenizer
         self.eos = set(eos_token_ids(lm))
         self.vocab_map = self._rm_id = None
         if rm is not None:
             _require_chat_template(rm_tokenizer, "reward model")
             if rm.config.num_labels != 1:
                 raise ValueError(f"the reward model must have one output (num_labels=1), not {rm.config.num_labels}")
-            reward_head(rm.requires_grad_(False), torch.zeros(1, rm.config.hidden_size, device=rm.device))
+            rm.requires_grad_(False)
+            reward_head(rm, torch.zeros(1, rm.config.hidden_size, device=rm.device))  # fails now without a score head
             vocab_map = align_vocab(lm_tokenizer, rm_tokenizer, vocab_rows)
             vocab_map[vocab_map >= rm.get_input_embeddings().weight.shape[0]] = -1
             self.vocab_map, self._rm_id = vocab_map.to(lm.device), vocab_map.tolist()
