@@ -20,6 +20,10 @@ PROMPT = "What is 2+3?"
 FAST = NablaConfig(max_new_tokens=16, grad_norm_threshold=0.0, dto_iters=5)
 
 
+def without_time(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "wall_time_s"}
+
+
 def ids_of(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -293,8 +297,7 @@ def test_rollout_budget_and_length_limit(tok, lm, rm, max_rollouts, max_new_toke
 def test_same_seed_same_output(tok, lm, rm):
     reasoner = NablaReasoner(lm, tok, rm, tok, FAST)
     a, b, c = (reasoner.generate(PROMPT, seed=s) for s in (7, 7, 8))
-    drop_time = lambda st: {k: v for k, v in st.items() if k != "wall_time_s"}
-    assert a.token_ids == b.token_ids and a.text == b.text and drop_time(a.stats) == drop_time(b.stats)
+    assert a.token_ids == b.token_ids and a.text == b.text and without_time(a.stats) == without_time(b.stats)
     assert a.token_ids != c.token_ids
 
 
@@ -502,8 +505,7 @@ def test_fast_rollout_gives_the_same_tokens(tok, lm, rm, temperature):
                 for f in (False, True))
         assert a.stats["revisions_proposed"] >= 2
         assert a.token_ids == b.token_ids
-        drop_time = lambda st: {k: v for k, v in st.items() if k != "wall_time_s"}
-        assert drop_time(a.stats) == drop_time(b.stats)
+        assert without_time(a.stats) == without_time(b.stats)
 
 
 # ------------------------------------------------------------------------------------------ compute accounting
