@@ -19,7 +19,7 @@ import torch
 import eval_math as em
 from nabla import chat_prompt_ids, reward_ids, score
 
-DATA = Path(__file__).parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MATH500 = DATA / "math500.jsonl"
 needs_data = pytest.mark.skipif(not MATH500.exists(), reason=f"{MATH500} is absent (the shared data folder)")
 # MATH-style problems in MATH-500's schema, for the end-to-end tests when the shared data folder is absent.

@@ -91,7 +91,7 @@ def test_committed_models_load_and_verify():
     from toy_arith import TrainSettings, greedy_accuracy, load_or_train, reward_quality
     s = TrainSettings()
     test, val = held_out_problems(0, 500, s.val_problems)
-    folder = Path(__file__).parent / "toy_models"
+    folder = Path(__file__).parent / "models"
     tok, lm, rm, meta, trained = load_or_train(folder, s, 0, val, {q.prompt for q in test + val}, retrain=False)
     assert not trained  # loaded: the settings recorded beside the weights are the defaults
     assert 0.45 <= greedy_accuracy(lm, tok, val[:100]) <= 0.65  # imperfect, with room for test-time scaling

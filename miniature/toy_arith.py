@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> dict:
     test, val = held_out_problems(args.seed, n_test, settings.val_problems)
     held_out = {q.prompt for q in test + val}
     scratch = tempfile.mkdtemp(prefix="toy_arith_") if args.quick and not args.models else None
-    folder = Path(args.models or scratch or "toy_models")
+    folder = Path(args.models or scratch or Path(__file__).parent / "models")
     try:
         tok, lm, rm, meta, trained = load_or_train(folder, settings, args.seed, val, held_out, args.retrain)
         train_seconds = time.perf_counter() - start
