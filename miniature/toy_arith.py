@@ -1,468 +1,52 @@
 """∇-Reasoner in miniature on CPU: tiny models, a synthetic arithmetic task, the paper's claims checked one by one.
 
-    python toy_arith.py            # load the committed models from toy_models/ and evaluate (about 12 minutes)
-    python toy_arith.py --retrain  # train them again first (seed 0; about 16 minutes more on one CPU thread)
-    python toy_arith.py --quick    # the same pipeline with tiny step counts: a smoke test (toy_test.py)
+    python miniature/toy_arith.py            # evaluate the committed models of miniature/models/ (about 12 minutes)
+    python miniature/toy_arith.py --retrain  # train them again first (seed 0; about 16 minutes more, one CPU thread)
+    python miniature/toy_arith.py --quick    # the same pipeline with tiny step counts: a smoke test (toy_test.py)
 
-  task      multi-step integer arithmetic with a short worked chain, e.g. the prompt "3+4*2-5=" is answered
-            "4*2=8 3+8=11 11-5=6 \\boxed{6}" (3 or 4 one-digit operands, +, -, *, usual precedence);
+  task      (task.py) multi-step integer arithmetic with a short worked chain, e.g. the prompt "3+4*2-5=" is
+            answered "4*2=8 3+8=11 11-5=6 \\boxed{6}" (3 or 4 one-digit operands, +, -, *, usual precedence);
             answers are graded by eval_math's math-verify grader, as on MATH-500.
-  policy    a character-level Qwen2ForCausalLM (3 layers, width 128), trained from scratch with a fixed
-            seed and stopped as soon as its greedy accuracy on validation problems reaches 45%, so
+  policy    (train.py) a character-level Qwen2ForCausalLM (3 layers, width 128), trained from scratch with a
+            fixed seed and stopped as soon as its greedy accuracy on validation problems reaches 45%, so
             that greedy decoding is clearly imperfect and test-time scaling has room to help.
-  reward    a Qwen2ForSequenceClassification (num_labels=1) over the same tokenizer that verifies: started
-            from the policy's layers with two fresh ones on top, trained with process supervision (a label
-            per token: is the chain still right so far?) on fresh gold chains, fresh one-step corruptions
-            and the policy's own samples. Its accuracy on three kinds of held-out pairs is printed first.
+  reward    (train.py) a Qwen2ForSequenceClassification (num_labels=1) over the same tokenizer that verifies:
+            started from the policy's layers with two fresh ones on top, trained with process supervision
+            (a label per token: is the chain still right so far?) on fresh gold chains, fresh one-step
+            corruptions and the policy's own samples. Its accuracy on three kinds of held-out pairs is
+            printed first.
   bracket   greedy, one sampled draft, best-of-N and pass@N (what a perfect selector would get), measured
             on the test problems and printed before ∇-Reasoner runs.
   claims    the paper's claims one at a time, each a measured difference with a standard error and a
             verdict: DTO lowers the rejection rate; DTO moves the redraw toward the right token more than
             sharpening by the same KL and more than a likelihood-only DTO; skipping; gradient caching;
             ∇-Reasoner against best-of-N, self-consistency and greedy.
-  curve     accuracy against model calls and against forward-token-equivalents for N in 1, 2, 4, 8.
+  curve     accuracy against model calls and against forward-token-equivalents for N in 1, 2, 4, 8,
+            printed, and drawn to miniature/curve.png when matplotlib is installed.
 
 Settings of ∇-Reasoner that the paper's do not fit (the learning rate and the gradient-norm threshold)
 are chosen on validation problems; test problems are evaluated once. Trained models are saved to
---models (default toy_models/) with save_pretrained and loaded from there on later runs.
+--models (default miniature/models/) with save_pretrained and loaded from there on later runs.
 """
 import argparse
-import copy
 import json
 import math
-import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen2ForSequenceClassification)
 
+# nabla.py, eval_math.py and tiny.py are at the repository root, a folder up from this script
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from nabla import (NablaConfig, Prefix, ahead_loss_and_grads, align_vocab, chat_prompt_ids, dto, onehot_grads,
-                   reward_template, score, token_entropy)
-from tiny import char_tokenizer
-
-# ----------------------------------------------------------------------------------------------
-# The task: arithmetic with a worked chain
-
-MAX_ABS = 99  # every intermediate value has at most two digits, so each step is a times-table or 2-digit sum
-
-
-@dataclass
-class Problem:
-    prompt: str   # "3+4*2-5="
-    chain: str    # "4*2=8 3+8=11 11-5=6 \boxed{6}"
-    answer: str   # "6"
-
-
-def worked_steps(nums: list[int], ops: list[str], replaced: tuple[int, tuple] | None = None) -> list[tuple] | None:
-    """The steps (a, op, b, a op b) in the usual order: products first, then sums left to right.
-
-    None when a value would leave ±MAX_ABS. `replaced` = (k, step) writes step k as given and carries
-    its value forward (corrupt uses it to make a chain that is consistent after one mistake).
-    """
-    nums, ops, steps = list(nums), list(ops), []
-    for phase in ("*", "+-"):
-        i = 0
-        while i < len(ops):
-            if ops[i] not in phase:
-                i += 1
-                continue
-            if replaced and len(steps) == replaced[0]:
-                a, op, b, value = replaced[1]
-            else:
-                a, op, b = nums[i], ops[i], nums[i + 1]
-                value = a * b if op == "*" else a + b if op == "+" else a - b
-                if abs(value) > MAX_ABS and not replaced:
-                    return None
-            steps.append((a, op, b, value))
-            nums[i:i + 2], ops[i:i + 1] = [value], []
-    return steps
-
-
-def write_chain(steps) -> str:
-    return " ".join(f"{a}{op}{b}={v}" for a, op, b, v in steps) + f" \\boxed{{{steps[-1][3]}}}"
-
-
-def random_problem(rng: random.Random) -> Problem:
-    while True:
-        nums = [rng.randint(1, 9) for _ in range(rng.choice((3, 4)))]
-        ops = [rng.choice("+-*") for _ in range(len(nums) - 1)]
-        steps = worked_steps(nums, ops)
-        if steps is not None:
-            prompt = "".join(f"{n}{o}" for n, o in zip(nums, ops)) + f"{nums[-1]}="
-            return Problem(prompt, write_chain(steps), str(steps[-1][3]))
-
-
-def held_out_problems(seed: int, n_test: int, n_val: int) -> tuple[list[Problem], list[Problem]]:
-    """Distinct test and validation problems; training never sees their prompts."""
-    rng, seen, out = random.Random(f"held-out {seed}"), set(), []
-    while len(out) < n_test + n_val:
-        p = random_problem(rng)
-        if p.prompt not in seen:
-            seen.add(p.prompt)
-            out.append(p)
-    return out[:n_test], out[n_test:]
-
-
-def training_problems(rng: random.Random, held_out: set[str], k: int) -> list[Problem]:
-    out = []
-    while len(out) < k:
-        p = random_problem(rng)
-        if p.prompt not in held_out:
-            out.append(p)
-    return out
-
-
-def corrupt(problem: Problem, rng: random.Random) -> str:
-    """A wrong chain for the problem: one step's result (or operand, or the boxed answer) changed.
-
-    Half the time the later steps are recomputed from the wrong value, so the chain is consistent
-    after the mistake and only checking that one step reveals it; otherwise the error is left alone.
-    """
-    nums, ops = [int(c) for c in problem.prompt[:-1:2]], list(problem.prompt[1:-1:2])
-    steps = worked_steps(nums, ops)
-    kind = rng.random()
-    if kind < 0.2:  # only the boxed answer is wrong
-        text = write_chain(steps)
-        return text[: text.rindex("{") + 1] + str(int(problem.answer) + rng.choice((-10, -2, -1, 1, 2, 10))) + "}"
-    k = rng.randrange(len(steps))
-    a, op, b, value = steps[k]
-    if kind < 0.35:  # a wrong operand copied into the step, computed right from there
-        if rng.random() < 0.5:
-            a += rng.choice((-2, -1, 1, 2))
-        else:
-            b += rng.choice((-2, -1, 1, 2))
-        value = a * b if op == "*" else a + b if op == "+" else a - b
-    else:  # a wrong result
-        value += rng.choice((-10, -3, -2, -1, 1, 2, 3, 10))
-    if rng.random() < 0.5:  # later steps use the wrong value correctly
-        return write_chain(worked_steps(nums, ops, replaced=(k, (a, op, b, value))))
-    return write_chain(steps[:k] + [(a, op, b, value)] + steps[k + 1:])
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and models
-
-ROLES = ["user", "assistant"]  # one token each, so the chat template costs 9 tokens per example
-CHARS = list("0123456789+-*= \\boxed{}\n")
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """The task's characters, and one token per chat role name."""
-    return char_tokenizer(sorted(set(CHARS)), words=ROLES)
-
-
-def model_config(tok, hidden: int, layers: int, **extra) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, attn_implementation="eager", **extra)
-
-
-def ids_of(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), fill)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r)
-    return out
-
-
-@torch.no_grad()
-def sample(lm, tok, prompts: list[str], temperature: float, n: int = 1, max_new_tokens: int = 40,
-           seed: int = 0) -> list[str]:
-    """n responses per prompt, many prompts at once (grouped by prompt length, so nothing is padded).
-
-    Seeded here, so that a run on cached models draws the same samples as the run that trained them.
-    """
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return _sample(lm, tok, prompts, temperature, n, max_new_tokens)
-
-
-def _sample(lm, tok, prompts, temperature, n, max_new_tokens) -> list[str]:
-    eos = set(lm.generation_config.eos_token_id)
-    out, groups = [None] * (len(prompts) * n), {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
-    for idx in groups.values():
-        ids = torch.tensor([chat_prompt_ids(tok, prompts[i]) for i in idx])
-        config = GenerationConfig(do_sample=temperature > 0, temperature=temperature or 1.0,
-                                  top_p=0.95 if temperature else 1.0, top_k=0 if temperature else 50,
-                                  num_return_sequences=n, max_new_tokens=max_new_tokens,
-                                  eos_token_id=sorted(eos), pad_token_id=tok.pad_token_id)
-        rows = lm.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[:, ids.shape[1]:]
-        for r, row in enumerate(rows.tolist()):
-            end = next((j for j, t in enumerate(row) if t in eos), len(row))
-            out[idx[r // n] * n + r % n] = tok.decode(row[:end], skip_special_tokens=True)
-    return out
-
-
-def boxed(text: str) -> str | None:
-    """The boxed integer, for grading during training (the evaluation uses eval_math's grader)."""
-    start = text.rfind("\\boxed{")
-    end = text.find("}", start)
-    return text[start + 7:end] if start >= 0 and end > 0 else None
-
-
-def greedy_accuracy(lm, tok, problems: list[Problem]) -> float:
-    outs = sample(lm, tok, [p.prompt for p in problems], 0.0)
-    return sum(boxed(o) == p.answer for o, p in zip(outs, problems)) / len(problems)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-@dataclass
-class TrainSettings:
-    hidden: int = 128
-    layers: int = 3
-    policy_batch: int = 64
-    policy_lr: float = 3e-3
-    policy_max_steps: int = 1500
-    check_every: int = 50            # validation greedy accuracy is measured this often ...
-    target_accuracy: float = 0.45    # ... and training stops once it reaches this
-    rm_prompts: int = 3000           # training prompts whose policy samples the reward model reads
-    rm_samples: int = 4              # samples per prompt (temperature 0.6, as at test time)
-    rm_extra_layers: int = 2         # fresh layers on top of the policy's (see new_reward_model)
-    rm_lm_weight: float = 1.0        # weight of the next-token loss on gold chains (see train_reward_model)
-    rm_batch: int = 48               # chains per step: a third gold, a third corrupted, a third the policy's
-    rm_lr: float = 2e-3
-    rm_steps: int = 3000
-    val_problems: int = 200
-
-
-QUICK = TrainSettings(hidden=32, layers=1, policy_batch=16, policy_max_steps=6, check_every=3, rm_prompts=8,
-                      rm_samples=2, rm_batch=8, rm_steps=4, val_problems=8)
-
-
-def sft_batch(tok, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-template prompt + chain + end-of-sequence; the loss covers the response only."""
-    rows, labels = [], []
-    for p in problems:
-        prompt, response = chat_prompt_ids(tok, p.prompt), ids_of(tok, p.chain) + [tok.eos_token_id]
-        rows.append(prompt + response)
-        labels.append([-100] * len(prompt) + response)
-    return padded(rows, tok.pad_token_id), padded(labels, -100)
-
-
-def train_policy(tok, val: list[Problem], held_out: set[str], s: TrainSettings, seed: int) -> tuple:
-    """Next-token training on fresh problems, stopped at the first check where greedy accuracy ≥ target."""
-    torch.manual_seed(seed)
-    lm = Qwen2ForCausalLM(model_config(tok, s.hidden, s.layers))
-    lm.generation_config.eos_token_id = [tok.eos_token_id, tok.pad_token_id]
-    lm.generation_config.pad_token_id = tok.pad_token_id
-    opt = torch.optim.AdamW(lm.parameters(), lr=s.policy_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    rng, log, start = random.Random(f"policy {seed}"), [], time.perf_counter()
-    for step in range(1, s.policy_max_steps + 1):
-        for group in opt.param_groups:  # short warm-up, then a constant rate, so any stopping step is fine
-            group["lr"] = s.policy_lr * min(1.0, step / 50)
-        lm.train()
-        ids, labels = sft_batch(tok, training_problems(rng, held_out, s.policy_batch))
-        loss = lm(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        if step % s.check_every == 0 or step == s.policy_max_steps:
-            lm.eval()
-            acc = greedy_accuracy(lm, tok, val)
-            log.append(dict(step=step, loss=round(loss.item(), 4), val_greedy=acc))
-            print(f"  policy step {step:4d}  loss {loss.item():.3f}  validation greedy accuracy {acc:.1%}"
-                  f"  ({time.perf_counter() - start:.0f}s)", flush=True)
-            if acc >= s.target_accuracy:
-                break
-    lm.eval()
-    return lm, dict(steps=step, seconds=round(time.perf_counter() - start, 1), log=log)
-
-
-def policy_pool(lm, tok, problems: list[Problem], samples: int, seed: int) -> list[tuple[Problem, str]]:
-    """(problem, sample) for `samples` policy samples per problem at temperature 0.6, right and wrong alike.
-
-    The policy's own chains are what the reward model reads at test time, so they are a third of its
-    training data; their mistakes are the hard negatives that synthetic corruptions miss.
-    """
-    texts = sample(lm, tok, [p.prompt for p in problems], 0.6, n=samples, seed=seed)
-    return [(p, texts[i * samples + j]) for i, p in enumerate(problems) for j in range(samples)]
-
-
-def step_labels(tok, response_ids: list[int], gold: str) -> list[float]:
-    """Process supervision: per token, 1 while the response so far is a prefix of the gold chain.
-
-    The chain is written in one canonical order, so "still a prefix of the gold chain" is exactly "no
-    step has gone wrong yet": the label falls to 0 at the first wrong character and stays there.
-    """
-    labels, text = [], ""
-    for t in response_ids:
-        text += tok.decode([t])
-        labels.append(float(gold.startswith(text) and (not labels or labels[-1] == 1.0)))
-    return labels
-
-
-def rm_example(tok, problem: Problem, response: str) -> tuple[list[int], list[float]]:
-    """The conversation as nabla.score shows it to the reward model, and a label per token.
-
-    Prompt tokens: -1 (no label). Response tokens: step_labels. The chat template's closing tokens:
-    1 only for a complete, correct chain. The reward is read at the last of them, so it is trained to
-    answer "is every step right and the chain finished?", and each earlier position to answer "is every
-    step so far right?", a dense signal that makes the model check each step.
-    """
-    before, after = reward_template(tok, problem.prompt)
-    response_ids = ids_of(tok, response)
-    done = float(response == problem.chain)
-    return before + response_ids + after, [-1.0] * len(before) + step_labels(tok, response_ids, problem.chain) + [done] * len(after)
-
-
-def rm_scores(rm, tok, pairs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the first and the second chain of each (prompt, chain, chain), in one padded batch."""
-    rows = [rm_inputs(tok, p, a) for p, a, _ in pairs] + [rm_inputs(tok, p, b) for p, _, b in pairs]
-    ids = padded(rows, tok.pad_token_id)
-    rewards = rm(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
-    return rewards[:len(pairs)], rewards[len(pairs):]
-
-
-def rm_inputs(tok, prompt: str, response: str) -> list[int]:
-    """The conversation as nabla.score shows it to the reward model (the same chat template)."""
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return ids_of(tok, tok.apply_chat_template(messages, tokenize=False))
-
-
-def new_reward_model(lm, tok, s: TrainSettings) -> Qwen2ForSequenceClassification:
-    """The policy's layers plus s.rm_extra_layers fresh ones on top, with a fresh one-output head.
-
-    Starting from the policy gives the reward model the policy's arithmetic; training then makes it
-    better at arithmetic than the policy (it is trained far longer), which is what lets it catch the
-    policy's mistakes. The fresh top layers give each position room to compare its token with what the
-    previous position computed and to gather the verdicts of all earlier steps.
-    """
-    rm = Qwen2ForSequenceClassification(model_config(tok, s.hidden, s.layers + s.rm_extra_layers, num_labels=1))
-    backbone = {k: v for k, v in lm.model.state_dict().items() if not k.startswith("norm.")}
-    rm.model.load_state_dict(backbone, strict=False)  # the new top layers and the final norm keep their init
-    return rm
-
-
-def train_reward_model(lm, tok, held_out: set[str], s: TrainSettings, seed: int) -> tuple:
-    """Process-supervised training: a logistic loss on every position's label (see rm_example).
-
-    Each batch is a third gold chains and a third one-step corruptions of fresh problems (they cost
-    nothing, so none is seen twice), and a third of the policy's own samples drawn beforehand. The
-    loss averages the per-token losses of the response and, with equal weight, the final verdict.
-    """
-    rng, start = random.Random(f"reward {seed}"), time.perf_counter()
-    pool = policy_pool(lm, tok, training_problems(rng, held_out, s.rm_prompts), s.rm_samples, seed)
-    sampling_seconds = time.perf_counter() - start
-    torch.manual_seed(seed)
-    rm = new_reward_model(lm, tok, s)
-    # The policy's next-token head, read off the reward model's copy of the policy's layers and trained on
-    # gold chains alongside: it keeps improving the arithmetic that the layers above compare each token with.
-    # Used in training only; it is not saved.
-    head = torch.nn.Sequential(copy.deepcopy(lm.model.norm), copy.deepcopy(lm.lm_head))
-    opt = torch.optim.AdamW([*rm.parameters(), *head.parameters()], lr=s.rm_lr, weight_decay=0.01)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    losses = []
-    for step in range(s.rm_steps):
-        for group in opt.param_groups:  # short warm-up, cosine decay
-            group["lr"] = s.rm_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / s.rm_steps))
-        k = s.rm_batch // 3
-        fresh = training_problems(rng, held_out, 2 * k)
-        batch = ([(p, p.chain) for p in fresh[:k]] + [(p, corrupt(p, rng)) for p in fresh[k:]]
-                 + [rng.choice(pool) for _ in range(s.rm_batch - 2 * k)])
-        rows, labels = zip(*(rm_example(tok, p, r) for p, r in batch))
-        ids, labels = padded(rows, tok.pad_token_id), padded(labels, -1.0).float()
-        ends = torch.tensor([len(r) - 1 for r in rows])
-        rm.train()
-        out = rm.model(input_ids=ids, attention_mask=(torch.arange(ids.shape[1]) < ends[:, None] + 1).long(),
-                       output_hidden_states=True)
-        logits = rm.score(out.last_hidden_state)[..., 0]
-        gold_rows = ids[:k]
-        targets = torch.where(labels[:k, 1:] >= 0, gold_rows[:, 1:], -100)
-        next_token = head(out.hidden_states[s.layers][:k, :-1])
-        steps = labels >= 0
-        steps[torch.arange(len(rows)), ends] = False
-        final = logits[torch.arange(len(rows)), ends]
-        loss = bce(logits[steps], labels[steps]) + bce(final, labels[torch.arange(len(rows)), ends])
-        if s.rm_lm_weight:
-            loss = loss + s.rm_lm_weight * torch.nn.functional.cross_entropy(next_token.flatten(0, 1), targets.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if (step + 1) % 200 == 0 or step + 1 == s.rm_steps:
-            print(f"  reward step {step + 1:5d}  loss {statistics.mean(losses[-200:]):.3f}"
-                  f"  ({time.perf_counter() - start:.0f}s)", flush=True)
-    rm.eval()
-    return rm, dict(policy_samples=len(pool), examples_seen=s.rm_steps * s.rm_batch,
-                    sampling_seconds=round(sampling_seconds, 1), final_loss=round(statistics.mean(losses[-200:]), 4),
-                    seconds=round(time.perf_counter() - start, 1))
-
-
-@torch.no_grad()
-def reward_quality(rm, tok, lm, problems: list[Problem], seed: int, samples: int = 8) -> dict:
-    """The reward model on held-out problems, the three numbers the method rests on.
-
-    gold_vs_corrupted: the gold chain scored above a one-step corruption (3 per problem);
-    right_vs_wrong: a right policy sample scored above a wrong one of the same problem (every such pair
-    among `samples` samples at temperature 0.6; a tie counts half);
-    top_is_right: among problems where some sample is right, how often the top-scored sample is.
-    """
-    rng = random.Random(f"pairs {seed}")
-    corrupted = [(p.prompt, p.chain, corrupt(p, rng)) for p in problems for _ in range(3)]
-    good, bad = rm_scores(rm, tok, corrupted)
-    texts = sample(lm, tok, [p.prompt for p in problems], 0.6, n=samples, seed=seed + 1)
-    rewards = rm_scores(rm, tok, [(p.prompt, t, t) for p, t in zip(
-        [p for p in problems for _ in range(samples)], texts)])[0].view(len(problems), samples)
-    wins, pairs, top, some = 0.0, 0, 0, 0
-    for i, p in enumerate(problems):
-        right = torch.tensor([boxed(t) == p.answer for t in texts[i * samples:(i + 1) * samples]])
-        r = rewards[i]
-        if right.any():
-            some += 1
-            top += bool(right[r.argmax()])
-        for a in r[right]:
-            for b in r[~right]:
-                wins, pairs = wins + (a > b).item() + 0.5 * (a == b).item(), pairs + 1
-    rate = lambda k, n: round(k / n, 4) if n else None
-    return dict(gold_vs_corrupted=rate((good > bad).sum().item() + 0.5 * (good == bad).sum().item(), len(corrupted)),
-                right_vs_wrong=rate(wins, pairs), top_is_right=rate(top, some),
-                pairs=dict(corrupted=len(corrupted), right_vs_wrong=pairs, problems_with_a_right_sample=some))
-
-
-def load_or_train(folder: Path, s: TrainSettings, seed: int, val: list[Problem], held_out: set[str],
-                  retrain: bool) -> tuple:
-    """The cached models when they were trained with these settings, otherwise train and save them."""
-    meta_path = folder / "meta.json"
-    wanted = dict(seed=seed, settings=asdict(s))
-    if not retrain and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if {k: meta.get(k) for k in wanted} == wanted:
-            # Not AutoTokenizer: in transformers 5 it reads model_type from config.json and builds a
-            # Qwen2Tokenizer, whose byte-level pre-tokenizer drops this vocabulary's spaces and newlines.
-            tok = PreTrainedTokenizerFast.from_pretrained(folder / "policy")
-            lm = Qwen2ForCausalLM.from_pretrained(folder / "policy").eval()
-            rm = Qwen2ForSequenceClassification.from_pretrained(folder / "reward").eval()
-            print(f"loaded the models trained earlier from {folder}/ (--retrain trains them again)")
-            return tok, lm, rm, meta, False
-    tok = make_tokenizer()
-    print(f"training the policy (seed {seed}) ...", flush=True)
-    lm, policy_log = train_policy(tok, val, held_out, s, seed)
-    print("training the reward model ...", flush=True)
-    rm, reward_log = train_reward_model(lm, tok, held_out, s, seed)
-    meta = dict(wanted, policy=policy_log, reward=reward_log)
-    for model, name in ((lm, "policy"), (rm, "reward")):
-        model.save_pretrained(folder / name)
-        tok.save_pretrained(folder / name)
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return tok, lm, rm, json.loads(meta_path.read_text()), True
-
+                   reward_ids, reward_template, score, token_entropy)
+from task import Problem, held_out_problems, ids_of, sample
+from train import QUICK, TrainSettings, load_or_train, reward_quality
 
 # ----------------------------------------------------------------------------------------------
 # DTO at a single token: settings chosen on validation drafts, claims checked on test drafts
@@ -675,7 +259,7 @@ def run_samplers(problems: list[Problem], models, config: NablaConfig, ns: tuple
         samples = sample_responses(models, p.prompt, max(ns), problem_seed(seed, i), config)
         rewards = [score(rm, tok, p.prompt, s.scored_text) for s in samples]
         right = [is_correct(s.text, p.answer) for s in samples]
-        rm_len = [len(rm_inputs(tok, p.prompt, s.scored_text)) for s in samples]
+        rm_len = [len(reward_ids(tok, p.prompt, s.scored_text)) for s in samples]
         for n in ns:
             tokens = sum(s.tokens for s in samples[:n])
             chosen = dict(sc=vote([s.text for s in samples[:n]])[0], bon=max(range(n), key=rewards.__getitem__))
@@ -839,38 +423,67 @@ def print_bracket(res: dict, ns: tuple) -> None:
           f"\n  (the paper's objective cannot be maximized by enumeration here: chains have up to 31 characters)")
 
 
-def print_curve(res: dict, ns: tuple, path: Path | None) -> None:
-    curves = {"self-consistency": [res["sc", n] for n in ns], "best-of-N": [res["bon", n] for n in ns],
-              "∇-Reasoner": [res["nabla"][n] for n in ns]}
+def curves(results: dict, ns: tuple) -> dict:
+    """Each method's results at every N in ns, from the results as the report keeps them ("sc_4", "nabla", ...)."""
+    return {"self-consistency": [results[f"sc_{n}"] for n in ns], "best-of-N": [results[f"bon_{n}"] for n in ns],
+            "∇-Reasoner": [results["nabla"][n] for n in ns]}
+
+
+def print_curve(results: dict, ns: tuple) -> None:
+    rows = curves(results, ns)
     print("\naccuracy ± standard error (mean model calls; mean forward-token-equivalents) against N:"
           "\nN samples for self-consistency and best-of-N, the rollout budget for ∇-Reasoner")
-    print(f"{'N':>3}" + "".join(f"{name:>32}" for name in curves) + f"{'pass@N':>10}")
+    print(f"{'N':>3}" + "".join(f"{name:>32}" for name in rows) + f"{'pass@N':>10}")
     for i, n in enumerate(ns):
         cells = [f"{r['accuracy'][0]:.1%}±{r['accuracy'][1]:.1%} ({r['model_calls']:.0f}; {r['forward_tokens']:.0f})"
-                 for r in (c[i] for c in curves.values())]
-        print(f"{n:>3}" + "".join(f"{c:>32}" for c in cells) + f"{res['pass', n][0]:>10.1%}")
+                 for r in (c[i] for c in rows.values())]
+        print(f"{n:>3}" + "".join(f"{c:>32}" for c in cells) + f"{results[f'pass_{n}'][0]:>10.1%}")
+
+
+def draw_curve(report: dict, path: Path) -> None:
+    """The curve as a figure of two panels: accuracy against mean model calls and against forward-token-equivalents.
+
+    Drawn from the report as main returns it or as --output saved it, and only when matplotlib is
+    installed (it is not a requirement). pass@N is drawn at the cost of its N samples, self-consistency's.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("the curve is not drawn: matplotlib is not installed")
         return
-    if path is None:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    results = dict(report["results"], nabla={int(n): r for n, r in report["results"]["nabla"].items()})
+    ns = tuple(sorted(results["nabla"]))
+    rows, greedy, s = curves(results, ns), results["greedy"], report["training"]["settings"]
+    style = {"self-consistency": dict(color="tab:blue", marker="o"),
+             "best-of-N": dict(color="tab:orange", marker="s"), "∇-Reasoner": dict(color="tab:green", marker="D")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, key, xlabel in ((axes[0], "model_calls", "mean model calls per problem"),
                             (axes[1], "forward_tokens", "mean forward-token-equivalents per problem")):
-        for name, rows in curves.items():
-            ax.errorbar([r[key] for r in rows], [100 * r["accuracy"][0] for r in rows],
-                        yerr=[100 * r["accuracy"][1] for r in rows], marker="o", capsize=3, label=name)
-        ax.axhline(100 * res["greedy"]["accuracy"][0], color="gray", ls=":", label="greedy")
+        for name, series in rows.items():
+            ax.errorbar([r[key] for r in series], [100 * r["accuracy"][0] for r in series],
+                        yerr=[100 * r["accuracy"][1] for r in series], capsize=3, label=name, **style[name])
+        for n, r in zip(ns, rows["best-of-N"]):
+            ax.annotate(f"N={n}", (r[key], 100 * r["accuracy"][0]), textcoords="offset points", xytext=(6, -12),
+                        fontsize=8, color=style["best-of-N"]["color"])
+        ax.plot([r[key] for r in rows["self-consistency"]], [100 * results[f"pass_{n}"][0] for n in ns], color="gray",
+                ls="--", marker="o", mfc="none", label="pass@N (some sample right: a perfect selector)")
+        ax.errorbar([greedy[key]], [100 * greedy["accuracy"][0]], yerr=[100 * greedy["accuracy"][1]], color="black",
+                    marker="*", markersize=11, capsize=3, ls="none", label="greedy")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-    axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend()
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"accuracy on {report['problems']} test problems (%)")
+    axes[0].legend(loc="upper left", fontsize=9)
+    fig.suptitle(f"∇-Reasoner in miniature: multi-step arithmetic, a {s['layers']}-layer character-level policy and a "
+                 f"{s['layers'] + s['rm_extra_layers']}-layer process-supervised reward model (width {s['hidden']})\n"
+                 f"N = {', '.join(map(str, ns))}: samples for self-consistency and best-of-N, the rollout budget for "
+                 f"∇-Reasoner; bars: ± one standard error", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"curve plotted in {path}")
+    plt.close(fig)
+    print(f"curve drawn in {path}")
 
 
 def by_length(res: dict, problems: list[Problem], n: int) -> dict:
@@ -897,11 +510,13 @@ def by_length(res: dict, problems: list[Problem], n: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny step counts and 4 problems: a smoke test")
-    p.add_argument("--models", help="folder of the trained models (default toy_models/, --quick: a temporary one)")
+    p.add_argument("--models", help="folder of the trained models (default miniature/models/; --quick: a temporary one)")
     p.add_argument("--retrain", action="store_true", help="train the models again even if they are cached")
     p.add_argument("--problems", type=int, help="held-out test problems (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="results/toy_arith.json", help="everything measured, as JSON")
+    p.add_argument("--curve", default=Path(__file__).parent / "curve.png",
+                   help="the curve's figure, drawn when matplotlib is installed (default miniature/curve.png; --quick: none)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the models are tiny; one thread is as fast and leaves the other core alone
     start = time.perf_counter()
@@ -946,20 +561,21 @@ def main(argv: list[str] | None = None) -> dict:
         d = dto_claims(lm, rm, tok, test, tuned, args.seed)
         claims = claim_rows(res, d)
         print_claims(claims)
-        output = Path(args.output)
-        print_curve(res, ns, None if args.quick else output.with_suffix(".png"))
+        results = {("_".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in res.items()}
+        print_curve(results, ns)
         lengths = by_length(res, test, ns[-1])
         wall = time.perf_counter() - start
         print(f"\nwall time {wall:.0f}s (models {'trained' if trained else 'loaded'} in "
               f"{train_seconds:.0f}s); torch {torch.__version__}, {torch.get_num_threads()} thread")
         report = dict(seed=args.seed, problems=len(test), training=meta, reward_quality=quality, tuning=tuning,
                       tuned=asdict(tuned), paper=asdict(paper), claims=claims, dto_claims=d, by_length=lengths,
-                      results={("_".join(map(str, k)) if isinstance(k, tuple) else k): v for k, v in res.items()},
-                      wall_seconds=round(wall, 1), train_seconds=round(train_seconds, 1))
+                      results=results, wall_seconds=round(wall, 1), train_seconds=round(train_seconds, 1))
         if not args.quick:
+            output = Path(args.output)
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(report, indent=1, default=str))
             print(f"everything measured: {output}")
+            draw_curve(report, Path(args.curve))
         return report
     finally:
         if scratch:

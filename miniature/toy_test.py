@@ -1,4 +1,4 @@
-"""Tests of toy_arith.py: the task, the reward model's labels, the controls, and the whole pipeline in seconds."""
+"""Tests of the miniature: the task, the reward model's labels, the controls, and the whole pipeline in seconds."""
 import random
 import time
 from pathlib import Path
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from nabla import NablaConfig
-from toy_arith import (Problem, corrupt, held_out_problems, kl, main, make_tokenizer, mean_se,
-                       random_problem, ratio_se, redraw_probs, rm_example, sharpened, step_labels, verdict, worked_steps)
+from task import Problem, corrupt, held_out_problems, make_tokenizer, random_problem, worked_steps
+from toy_arith import kl, main, mean_se, ratio_se, redraw_probs, sharpened, verdict
+from train import rm_example, step_labels
 
 
 def test_task_chains_are_right_and_corruptions_are_wrong():
@@ -88,7 +89,8 @@ def test_quick_run_end_to_end(tmp_path):
 
 def test_committed_models_load_and_verify():
     """The committed checkpoint is the one the default settings ask for, and its reward model checks steps."""
-    from toy_arith import TrainSettings, greedy_accuracy, load_or_train, reward_quality
+    from task import greedy_accuracy
+    from train import TrainSettings, load_or_train, reward_quality
     s = TrainSettings()
     test, val = held_out_problems(0, 500, s.val_problems)
     folder = Path(__file__).parent / "models"
