@@ -625,3 +625,107 @@ def test_merged_summary_covers_this_runs_problems_and_the_file_keeps_every_resul
     summary = json.loads((tmp_path / "math500.jsonl.summary.json").read_text())
     assert summary["methods"]["greedy"]["problems"] == 2 and summary["config"]["problems"] == 2
     assert len(read_jsonl(out)) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# The settings manifest: a sharded run of mixed settings is refused at start
+
+
+def launch_shards(model_dirs, out: Path, *extra_per_shard: list[str]) -> list[subprocess.CompletedProcess]:
+    """Shards as separate processes, all started at the same moment, as torchrun would start them."""
+    lm_dir, rm_dir = model_dirs
+    procs = [subprocess.Popen(
+        [sys.executable, str(Path(em.__file__)), "--method", "greedy", "--model", lm_dir, "--reward-model", rm_dir,
+         "--data", str(PROBLEMS), "--limit", "4", "--n", "2", "--output", str(out),
+         "--shard", f"{shard}/{len(extra_per_shard)}", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for shard, extra in enumerate(extra_per_shard)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+def test_shards_started_together_with_one_differing_setting_refuse_before_running_a_problem(model_dirs, tmp_path):
+    out = tmp_path / "math500.jsonl"
+    procs = launch_shards(model_dirs, out, ["--max-new-tokens", "4"], ["--max-new-tokens", "5"])
+    assert sorted(p.returncode for p in procs) == [0, 2]  # whichever wrote the manifest first runs
+    refused = next(s for s, p in enumerate(procs) if p.returncode == 2)
+    last = procs[refused].stderr.strip().splitlines()[-1]
+    assert last.startswith("eval_math.py: error: ") and "math500.jsonl.manifest.json" in last
+    assert "max_new_tokens: " in last and "Traceback" not in procs[refused].stderr
+    assert not out.with_name(f"math500.rank{refused}.jsonl").exists()  # not one problem ran
+    manifest = json.loads((tmp_path / "math500.jsonl.manifest.json").read_text())
+    assert manifest["settings"]["greedy"]["max_new_tokens"] == 4 + (refused == 0)  # the winner's settings
+
+
+def test_shards_started_together_with_the_same_settings_run_and_merge(model_dirs, tmp_path):
+    out = tmp_path / "math500.jsonl"
+    procs = launch_shards(model_dirs, out, [], [])
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr[-2000:] for p in procs]
+    ids = [p.id for p in em.load_problems(PROBLEMS)[:4]]
+    assert [r["id"] for r in read_jsonl(out)] == ids  # merged by whichever finished last
+    summary = json.loads((tmp_path / "math500.jsonl.summary.json").read_text())
+    manifest = json.loads((tmp_path / "math500.jsonl.manifest.json").read_text())
+    assert summary["methods"]["greedy"]["problems"] == 4
+    assert summary["config"]["settings"]["greedy"] == manifest["settings"]["greedy"] == read_jsonl(out)[0]["settings"]
+
+
+def test_a_shard_that_loses_the_race_to_write_the_manifest_compares_with_the_winners(model_dirs, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The race itself: another shard writes the manifest between this one's look and its exclusive create."""
+    out, real_read = tmp_path / "math500.jsonl", em.read_manifest
+    path = tmp_path / "math500.jsonl.manifest.json"
+    assert run(model_dirs, tmp_path / "other" / "math500.jsonl", tokens=9) == 0
+    winner = (tmp_path / "other" / "math500.jsonl.manifest.json").read_text()
+    looks = []
+
+    def read_then_lose_the_race(p):
+        looks.append(p)
+        if len(looks) == 2:  # the second look, just before the exclusive create: the other shard wins
+            p.write_text(winner)
+            return None
+        return real_read(p)
+
+    monkeypatch.setattr(em, "read_manifest", read_then_lose_the_race)
+    assert run(model_dirs, out, "--shard", "0/2") == 2
+    assert "max_new_tokens: 9 in the file, 4 now" in capsys.readouterr().err
+    assert path.read_text() == winner and not (tmp_path / "math500.rank0.jsonl").exists()
+
+
+def test_a_manifest_that_is_not_valid_json_is_a_one_line_error_naming_it(model_dirs, tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    for shard in ("0/2", "1/2"):
+        assert run(model_dirs, out, "--shard", shard) == 0
+    capsys.readouterr()
+    for broken in ('{"settings": {"greedy": ', '["a list"]', '{"settings": {"greedy": 3}}'):
+        (tmp_path / "math500.jsonl.manifest.json").write_text(broken)
+        before = snapshot(tmp_path)
+        for args in (["--shard", "0/2"], ["--merge", str(tmp_path)]):  # a run, and a merge
+            assert (run(model_dirs, out, *args) if args[0] == "--shard" else em.main(args)) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "math500.jsonl.manifest.json: not a settings manifest" in err[0], err
+            assert snapshot(tmp_path) == before
+
+
+def test_an_output_from_before_manifests_still_resumes_and_merges(model_dirs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "math500.jsonl"
+    for shard in ("0/2", "1/2"):
+        assert run(model_dirs, out, "--shard", shard, limit=4) == 0
+    manifest = tmp_path / "math500.jsonl.manifest.json"
+    written = manifest.read_text()
+    manifest.unlink()  # as a run made before manifests existed left it: only the records carry the settings
+    before = snapshot(tmp_path)
+    assert run(model_dirs, out, "--shard", "0/2", limit=4, tokens=5) == 2  # the records refuse other settings
+    assert f"{out} holds results of another run (max_new_tokens: 4 in the file, 5 now)" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+    assert em.main(["--merge", str(tmp_path)]) == 0  # merging goes by the records too
+    assert len(read_jsonl(out)) == 4 and not manifest.exists()
+    monkeypatch.setattr(em, "solve_batch", lambda *a, **k: pytest.fail("nothing is left to solve"))
+    assert run(model_dirs, out, "--shard", "1/2", limit=4) == 0  # resumes, and writes the manifest from the records
+    assert manifest.read_text() == written
+
+
+def test_a_model_that_fails_to_load_leaves_no_manifest(model_dirs, tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    assert em.main(["--method", "greedy", "--model", str(tmp_path / "typo"), "--data", str(PROBLEMS), "--limit", "1",
+                    "--output", str(out)]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert not (tmp_path / "math500.jsonl.manifest.json").exists()  # the corrected command is not refused
+    assert run(model_dirs, out, limit=1) == 0
