@@ -84,36 +84,29 @@ def load_problems(path: Path) -> list[Problem]:
         raise InputError(f"cannot read data file {path}: {first_line(e)}") from None
     array = text.lstrip().startswith("[")
     chunks = [(1, text)] if array else [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    rows = []
+    rows, problems = [], {}
     for lineno, chunk in chunks:
         try:
             value = json.loads(chunk)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {lineno + e.lineno - 1}: malformed JSON ({e.msg})") from None
         rows += [(row, f"{path} entry {i}") for i, row in enumerate(value)] if array else [(value, f"{path} line {lineno}")]
-    problems, seen = [], set()
     for index, (row, where) in enumerate(rows):
-        problem = _to_problem(row, index, where)
-        if problem.id in seen:
-            raise InputError(f"{where}: id {problem.id!r} appears twice (results are matched to problems by id)")
-        seen.add(problem.id)
-        problems.append(problem)
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        text, answer, id = row.get("problem", row.get("prompt")), row.get("answer"), str(row.get("unique_id", row.get("id", index)))
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: no 'problem' (or 'prompt') text")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)  # AIME and AMC answers are numbers
+        if not isinstance(answer, str) or not answer.strip():
+            raise InputError(f"{where}: no 'answer'")
+        if id in problems:
+            raise InputError(f"{where}: id {id!r} appears twice (results are matched to problems by id)")
+        problems[id] = Problem(index, id, text, answer)
     if not problems:
         raise InputError(f"{path}: no problems in the file")
-    return problems
-
-
-def _to_problem(row, index: int, where: str) -> Problem:
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    text, answer = row.get("problem", row.get("prompt")), row.get("answer")
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(f"{where}: no 'problem' (or 'prompt') text")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)  # AIME and AMC answers are numbers
-    if not isinstance(answer, str) or not answer.strip():
-        raise InputError(f"{where}: no 'answer'")
-    return Problem(index, str(row.get("unique_id", row.get("id", index))), text, answer)
+    return list(problems.values())
 
 
 def math500_from_hub() -> Path:
@@ -216,7 +209,7 @@ class Sample:
     scored_text: str    # the response with any special tokens it wrote: what the reward model reads, as in nabla
 
 
-def sample_batch(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig,
+def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig,
                  greedy: bool = False) -> list[list[Sample]]:
     """N responses to each prompt from one `generate` call (num_return_sequences=N), seeded locally.
 
@@ -253,12 +246,6 @@ def sample_batch(models: Models, prompts: list[str], n: int, seed: int, config: 
     return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-def sample_responses(models: Models, prompt: str, n: int, seed: int, config: NablaConfig,
-                     greedy: bool = False) -> list[Sample]:
-    """N responses to one prompt."""
-    return sample_batch(models, [prompt], n, seed, config, greedy)[0]
-
-
 @torch.no_grad()
 def score_batch(models: Models, pairs: list[tuple[str, str]], batch: int = 16) -> tuple[list[float], list[int]]:
     """r(x, y) for (prompt, response) pairs, `batch` at a time, read as nabla.score reads it (the last token, an
@@ -279,13 +266,7 @@ def score_batch(models: Models, pairs: list[tuple[str, str]], batch: int = 16) -
     return rewards, [len(r) for r in rows]
 
 
-def solve(method: str, prompt: str, models: Models, n: int = 8, seed: int = 0,
-          config: NablaConfig | None = None) -> dict:
-    """Answer one prompt with one method: solve_batch for one prompt."""
-    return solve_batch(method, [prompt], models, n, seed, config)[0]
-
-
-def solve_batch(method: str, prompts: list[str], models: Models, n: int = 8, seed: int = 0,
+def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int = 0,
                 config: NablaConfig | None = None) -> list[dict]:
     """Answer prompts with one method, as {"response", "model_calls", "forward_token_equivalents",
     "generated_tokens", "wall_time_s", "stats"} each.
@@ -312,7 +293,7 @@ def solve_batch(method: str, prompts: list[str], models: Models, n: int = 8, see
                 "model_calls", "forward_token_equivalents", "generated_tokens", "wall_time_s")}})
         return results
     start = time.perf_counter()
-    batches = sample_batch(models, prompts, 1 if method == "greedy" else n, seed, config, greedy=method == "greedy")
+    batches = sample(models, prompts, 1 if method == "greedy" else n, seed, config, greedy=method == "greedy")
     if method == "bon":
         rewards, rm_tokens = score_batch(models, [(p, s.scored_text) for p, ss in zip(prompts, batches) for s in ss])
     results = []
@@ -418,28 +399,21 @@ def beside(output: Path, what: str) -> Path:
 
 
 def read_records(path: Path) -> tuple[list[dict], bool]:
-    """The records of an output file, and whether the file ends cleanly with a newline.
-
-    A kill while a record was being written leaves an unterminated last line: if it is cut off, that
-    record is dropped (it is done again). Any other unreadable line is an error.
-    """
-    if not path.exists():
-        return [], True
-    text = path.read_text(encoding="utf-8")
+    """The records of an output file, and whether it ends cleanly. A kill while a record was being written
+    leaves a cut-off last line: that record is dropped (and done again); any other bad line is an error."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
     lines, clean, records = text.split("\n"), text == "" or text.endswith("\n"), []
     for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "id" not in record or "method" not in record:
+            record = json.loads(line) if line.strip() else None
+            if record is not None and not (isinstance(record, dict) and {"id", "method"} <= record.keys()):
                 raise ValueError("not a result record")
         except ValueError:
             if lineno == len(lines) and not clean:
                 continue
             raise InputError(f"{path} line {lineno}: not a result record of this script; "
                              f"move the file away or pick another --output") from None
-        records.append(record)
+        records += [record] if record is not None else []
     return records, clean
 
 
@@ -454,8 +428,8 @@ def best_records(records: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def finished_records(path: Path) -> tuple[dict[tuple[str, str], dict], bool]:
-    """The finished results in `path`, keyed by (id, method), and whether the file needs tidying (records
-    of failed problems, to be retried, or a line cut off by a kill). Reading never changes the file."""
+    """The finished results in `path` by (id, method), and whether the file needs tidying (failed problems,
+    to be retried, or a line cut off by a kill). Reading never changes the file."""
     records, clean = read_records(path)
     finished = {k: r for k, r in best_records(records).items() if r.get("error") is None}
     return finished, not clean or len(finished) != len(records)
@@ -467,8 +441,8 @@ def _to_json(record: dict) -> str:
 
 
 def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
-    """Write a whole file so that a reader or a kill never sees half of it. exclusive: fail with
-    FileExistsError if the file exists (a hard link, unlike a rename, never replaces a file)."""
+    """Write a whole file so that a reader or a kill never sees half of it. exclusive: raise FileExistsError
+    if the file exists (a hard link, unlike a rename, never replaces a file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     try:
@@ -478,22 +452,15 @@ def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
 
 
 def tidy_for_resume(path: Path, finished: dict) -> None:
-    """Keep only the finished results, so appending keeps the file clean."""
+    """Keep only the finished results, so that appending keeps the file clean."""
     write_atomically(path, "".join(_to_json(r) + "\n" for r in finished.values()))
-
-
-def append_record(handle, record: dict) -> None:
-    handle.write(_to_json(record) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())  # a record that was reported done survives a crash or a power cut
 
 
 def method_settings(method: str, args, config: NablaConfig, dtype: torch.dtype, device: torch.device,
                     data_hash: str) -> dict:
-    """Everything a result of this method depends on, apart from its problem: what records and the manifest hold."""
+    """Everything a result of this method depends on besides its problem: what records and the manifest hold."""
     settings = {"data_sha256": data_hash, "model": args.model, "max_new_tokens": args.max_new_tokens,
-                "base_seed": args.seed, "prompt_suffix": args.prompt_suffix,
-                "dtype": str(dtype).removeprefix("torch."),
+                "base_seed": args.seed, "prompt_suffix": args.prompt_suffix, "dtype": str(dtype)[len("torch."):],
                 # GPUs 0..7 of one machine are one kind; an H100 and an H200 are two.
                 "device": f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type}
     if method != "greedy":
@@ -516,15 +483,15 @@ def conflict(found: dict, expected: dict) -> tuple | None:
 
 
 def read_manifest(path: Path) -> dict | None:
-    """The settings of every method, as the manifest holds them; None if there is no manifest."""
+    """Every method's settings, as the manifest holds them; None if there is no manifest."""
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))["settings"]
-        if not isinstance(settings, dict) or not all(isinstance(s, dict) for s in settings.values()):
+        if not all(isinstance(s, dict) for s in settings.values()):
             raise ValueError("settings are not a mapping of methods")
         return settings
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON is a ValueError
         raise InputError(f"{path}: not a settings manifest of this script ({first_line(e)}); delete it and it is "
                          f"written again from the results' own records") from None
 
@@ -532,13 +499,13 @@ def read_manifest(path: Path) -> dict | None:
 def agree_on_settings(output: Path, files: list[Path], settings: dict, methods: list[str], write: bool) -> None:
     """Refuse, changing nothing, unless this run's settings are those of the manifest beside `output`.
 
-    The first run (or shard) on an output writes the manifest: every method's settings, so that adding a
-    method later is checked too. An output from before manifests has none, but its records carry their
-    settings: they are checked instead, and they fill in the manifest. The manifest is created exclusively
-    (write_atomically's hard link): of shards started at once, exactly one writes it; the others compare with it.
+    The first run (or shard) on an output writes every method's settings there, so that a method added later
+    is checked too. An output from before manifests has none: its records, which carry their settings, are
+    checked instead and fill in the manifest. Of shards started at once exactly one creates it (exclusively);
+    the others compare with it.
     """
     path = beside(output, "manifest")
-    for attempt in range(2):
+    while True:
         recorded = read_manifest(path)
         claims = ([(path, m, s) for m, s in recorded.items()] if recorded is not None else
                   [(f, r["method"], r.get("settings") or {}) for f in files for r in read_records(f)[0]])
@@ -559,41 +526,34 @@ def agree_on_settings(output: Path, files: list[Path], settings: dict, methods: 
 # Summary and merging
 
 
-def summarize(records: list[dict], config: dict) -> dict:
+def write_summary(output: Path, records: list[dict], config: dict) -> dict:
+    """Accuracy, means per problem and peak memory per method, to <output>.summary.json and as a table."""
     mean = lambda values: round(sum(values) / len(values), 3) if values else None  # noqa: E731
     methods = {}
-    for method in METHODS:
+    for method in [m for m in METHODS if any(r["method"] == m for r in records)]:
         rows = [r for r in records if r["method"] == method]
         ok = [r for r in rows if r.get("error") is None]
-        if not rows:
-            continue
-        stats = [r["stats"] or {} for r in ok]
-        scorings = [len(s.get("rewards", [])) if method == "bon" else s.get("rollouts", 0) for s in stats]
+        stats, correct = [r["stats"] or {} for r in ok], sum(bool(r.get("correct")) for r in rows)
         peaks = [r["peak_gpu_memory_gib"] for r in rows if r.get("peak_gpu_memory_gib") is not None]
-        correct = sum(bool(r.get("correct")) for r in rows)
         methods[method] = {
             "problems": len(rows), "correct": correct, "accuracy_pct": round(100 * correct / len(rows), 2),
-            "errors": len(rows) - len(ok),
-            **{f"mean_{k}": mean([r[k] for r in ok]) for k in ("model_calls", "forward_token_equivalents",
-                                                                "generated_tokens")},
+            "errors": len(rows) - len(ok), **{f"mean_{k}": mean([r[k] for r in ok]) for k in (
+                "model_calls", "forward_token_equivalents", "generated_tokens")},
             "mean_grad_passes": mean([s.get("grad_steps", 0) for s in stats]),
-            "mean_reward_scores": mean(scorings),  # bon's samples, nabla's first draft and proposals
+            # bon scores its samples; nabla its first draft and every proposal
+            "mean_reward_scores": mean([len(s.get("rewards", [])) if method == "bon" else s.get("rollouts", 0)
+                                        for s in stats]),
             "mean_seconds": mean([r["wall_time_s"] for r in ok]),
-            "peak_gpu_memory_gib": round(max(peaks), 2) if peaks else None,
-        }
-    return {"methods": methods, "accuracy_rule": ACCURACY_RULE, "counting_rule": COUNTING_RULE, "fte_rule": FTE_RULE,
-            "paper_math500_qwen2.5_7b_instruct_pct": PAPER_MATH500,
-            "config": {**config, "problems": len({r["id"] for r in records})}}
-
-
-def write_summary(output: Path, records: list[dict], config: dict) -> dict:
-    summary = summarize(sorted(records, key=lambda r: (r.get("index", 0), METHODS.index(r["method"]))), config)
+            "peak_gpu_memory_gib": round(max(peaks), 2) if peaks else None}
+    summary = {"methods": methods, "accuracy_rule": ACCURACY_RULE, "counting_rule": COUNTING_RULE,
+               "fte_rule": FTE_RULE, "paper_math500_qwen2.5_7b_instruct_pct": PAPER_MATH500,
+               "config": {**config, "problems": len({r["id"] for r in records})}}
     write_atomically(beside(output, "summary"), json.dumps(summary, indent=2) + "\n")
     columns = [("mean_model_calls", "model calls", ".1f"), ("mean_forward_token_equivalents", "fwd-tok-eq", ".0f"),
                ("mean_generated_tokens", "tokens", ".1f"), ("mean_seconds", "seconds", ".2f"),
                ("peak_gpu_memory_gib", "peak GPU GiB", ".2f")]
     print(f"{'method':<8}{'problems':>9}{'accuracy':>10}{'errors':>8}" + "".join(f"{h:>14}" for _, h, _ in columns))
-    for method, row in summary["methods"].items():
+    for method, row in methods.items():
         cells = ("-" if row[k] is None else format(row[k], spec) for k, _, spec in columns)
         print(f"{method:<8}{row['problems']:>9}{row['accuracy_pct']:>9.1f}%{row['errors']:>8}"
               + "".join(f"{c:>14}" for c in cells))
@@ -602,12 +562,9 @@ def write_summary(output: Path, records: list[dict], config: dict) -> dict:
 
 
 def merge(output: Path, rank_files: list[Path], config: dict | None = None, keys: set | None = None) -> dict:
-    """Combine the shards' files (and what `output` already holds) into `output` and its summary.
-
-    Every record must have the manifest's settings (or, in an output from before manifests, those of the
-    first record of its method); otherwise nothing changes. With `keys`, the summary covers those
-    (id, method) results only; the file keeps every result.
-    """
+    """Combine the shards' files (and what `output` holds) into `output` and its summary, if every record has
+    the manifest's settings (or, without a manifest, those of the first record of its method); otherwise
+    change nothing. With `keys`, the summary covers those (id, method) results only."""
     manifest = beside(output, "manifest")
     reference = {m: (s, manifest) for m, s in (read_manifest(manifest) or {}).items()}
     sources = [(p, read_records(p)[0]) for p in [output, *rank_files]]
@@ -621,13 +578,13 @@ def merge(output: Path, rank_files: list[Path], config: dict | None = None, keys
     combined = best_records([r for _, records in sources for r in records]).values()
     combined = sorted(combined, key=lambda r: (r.get("index", 0), METHODS.index(r["method"])))
     write_atomically(output, "".join(_to_json(r) + "\n" for r in combined))
-    config = config or {"settings": {m: s for m, (s, _) in reference.items()}}
-    config = {**config, "shard": None, "merged_from": [str(p) for p in rank_files]}
+    config = {**(config or {"settings": {m: s for m, (s, _) in reference.items()}}), "shard": None,
+              "merged_from": [str(p) for p in rank_files]}
     return write_summary(output, [r for r in combined if keys is None or (r["id"], r["method"]) in keys], config)
 
 
 def merge_dir(directory: Path, output_name: str) -> int:
-    """`--merge DIR`: DIR/<stem>.rank*.jsonl into DIR/<stem>.jsonl and DIR/<stem>.jsonl.summary.json."""
+    """`--merge DIR`: DIR/<stem>.rank*.jsonl into DIR/<stem>.jsonl and its summary."""
     if not directory.is_dir():
         raise InputError(f"--merge {directory}: no such folder")
     output = directory / output_name
@@ -637,18 +594,6 @@ def merge_dir(directory: Path, output_name: str) -> int:
         raise InputError(f"--merge {directory}: no {output.stem}.rank*{output.suffix} files there")
     merge(output, [p for _, p in ranked])
     return 0
-
-
-def merge_if_complete(output: Path, problems: list[Problem], methods: list[str], shards: int, config: dict) -> None:
-    """The shard that finishes last finds every shard's file complete and writes the combined summary."""
-    rank_files = [shard_path(output, s, shards) for s in range(shards)]
-    keys = {(p.id, m) for p in problems for m in methods}
-    have = {key for path in rank_files for key in best_records(read_records(path)[0])}
-    if keys <= have:
-        merge(output, rank_files, config, keys)
-    else:
-        tqdm.write(f"not every shard has finished; the last one to finish (or --merge {output.parent}) "
-                   f"writes {output}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,14 +619,14 @@ def evaluate(args) -> int:
     problems = load_problems(data)[: args.limit]
     output, data_hash = Path(args.output), hashlib.sha256(data.read_bytes()).hexdigest()[:16]
     prepare_output(output)
-    path = shard_path(output, shard, shards)
     config = NablaConfig(max_new_tokens=args.max_new_tokens, grad_norm_threshold=args.grad_norm_threshold,
                          rollout_top_k=args.top_k, resample_top_k=args.top_k, fast_rollout=args.compile)
     settings = {m: method_settings(m, args, config, dtype, device, data_hash) for m in METHODS}
-    files = [output] + [shard_path(output, s, shards) for s in range(shards) if shards > 1]
+    path, ranks = shard_path(output, shard, shards), [shard_path(output, s, shards) for s in range(shards)]
+    files = [output] + ranks * (shards > 1)
 
-    # Refuse before anything is loaded or changed; write the manifest once the models have loaded (a typo in
-    # --model must not leave a manifest behind), comparing again if another shard wrote it meanwhile.
+    # Refuse before anything is loaded or changed. The manifest is written once the models have loaded, so
+    # that a typo in --model leaves none behind; agreeing again compares with a shard that wrote it meanwhile.
     agree_on_settings(output, files, settings, methods, write=False)
     done, untidy = finished_records(path)
     keys = {(p.id, m) for p in problems if p.index % shards == shard for m in methods}
@@ -697,18 +642,19 @@ def evaluate(args) -> int:
     agree_on_settings(output, files, settings, methods, write=True)
     if untidy:
         tidy_for_resume(path, done)
-    if todo:
-        label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
-        run_all(todo, {k: r for k, r in done.items() if k in keys}, methods, models, args, config, settings, path,
-                label)
-    else:
-        tqdm.write(f"{path}: all {len(keys)} results already there", file=sys.stderr)
+    label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
+    run_all(todo, [r for k, r in done.items() if k in keys], methods, models if todo else None, args, config,
+            settings, path, label)
 
     run_config = {"data": str(data), "limit": args.limit, "methods": methods, "shard": f"{shard}/{shards}",
                   "settings": {m: settings[m] for m in methods}}
     write_summary(path, [r for k, r in best_records(read_records(path)[0]).items() if k in keys], run_config)
-    if shards > 1:
-        merge_if_complete(output, problems, methods, shards, run_config)
+    everything = {(p.id, m) for p in problems for m in methods}
+    if shards > 1 and everything <= {k for rank in ranks for k in best_records(read_records(rank)[0])}:
+        merge(output, ranks, run_config, everything)  # the shard that finishes last writes the combined results
+    elif shards > 1:
+        tqdm.write(f"not every shard has finished; the last to finish (or --merge {output.parent}) writes {output}",
+                   file=sys.stderr)
     return 0
 
 
@@ -725,8 +671,8 @@ def prepare_output(output: Path) -> None:
 
 
 def batches(todo: list[tuple[Problem, str]], batch_size: int) -> list[tuple[list[Problem], str]]:
-    """The work in calls of solve_batch: baselines batch_size problems at a time, ∇-Reasoner one at a time.
-    With batches, the baselines go method by method, so that a batch holds one method."""
+    """The work in calls of solve: baselines batch_size problems at a time, method by method (a batch holds
+    one method); ∇-Reasoner one problem at a time. With batches of one, in the order of `todo`."""
     if batch_size == 1:
         return [([p], m) for p, m in todo]
     out: list[tuple[list[Problem], str]] = []
@@ -750,8 +696,8 @@ def run_batch(problems: list[Problem], method: str, models: Models, args, config
     if cuda:
         torch.cuda.reset_peak_memory_stats(models.lm.device)
     try:
-        results = solve_batch(method, [r["prompt"] for r in records], models, n=args.n, seed=records[0]["seed"],
-                              config=config)
+        results = solve(method, [r["prompt"] for r in records], models, n=args.n, seed=records[0]["seed"],
+                        config=config)
     except Exception as e:  # e.g. CUDA out of memory on one long problem: record it, go on with the rest
         for record in records:
             record.update(error=f"{type(e).__name__}: {first_line(e)}",
@@ -769,21 +715,22 @@ def run_batch(problems: list[Problem], method: str, models: Models, args, config
     return records
 
 
-def run_all(todo, done, methods, models, args, config, settings, path: Path, label: str) -> None:
+def run_all(todo, done: list[dict], methods, models, args, config, settings, path: Path, label: str) -> None:
     """Solve what is left, appending each result as soon as it is graded; a bar shows running accuracy."""
-    correct = {m: sum(bool(r.get("correct")) for (_, m2), r in done.items() if m2 == m) for m in methods}
-    counted = {m: sum(1 for (_, m2) in done if m2 == m) for m in methods}
+    if not todo:
+        return tqdm.write(f"{path}: all {len(done)} results already there", file=sys.stderr)
     bar = tqdm(total=len(todo) + len(done), initial=len(done), desc=label, dynamic_ncols=True)
     with bar, path.open("a", encoding="utf-8") as handle:
         for problems, method in batches(todo, args.batch_size):
             for record in run_batch(problems, method, models, args, config, settings[method]):
-                append_record(handle, record)
-                correct[method] += bool(record["correct"])
-                counted[method] += 1
+                handle.write(_to_json(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())  # a result reported done survives a crash or a power cut
                 if record["error"]:
                     tqdm.write(f"{record['id']} {method}: {record['error']}", file=sys.stderr)
-                bar.set_postfix_str("  ".join(f"{m} {100 * correct[m] / counted[m]:.1f}%" for m in methods
-                                              if counted[m]))
+                done.append(record)
+                accuracy = {m: [r["correct"] for r in done if r["method"] == m] for m in methods}
+                bar.set_postfix_str("  ".join(f"{m} {100 * sum(c) / len(c):.1f}%" for m, c in accuracy.items() if c))
                 bar.update(1)
 
 

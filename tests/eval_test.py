@@ -48,6 +48,7 @@ def _problems_file() -> Path:
 
 
 PROBLEMS = _problems_file()
+Q = "What is 2+3?"
 REQUIRED_KEYS = {"id", "method", "prompt", "response", "prediction", "answer", "correct", "model_calls",
                  "wall_time_s", "error"}
 
@@ -150,26 +151,26 @@ def test_sampling_is_seeded_and_ignores_the_models_own_generation_defaults(tok, 
     greedy_lm.generation_config.do_sample = False
     models = em.Models(greedy_lm, tok)
     config = em.NablaConfig(max_new_tokens=6)
-    samples = em.sample_responses(models, "What is 2+3?", 4, seed=5, config=config)
+    samples = em.sample(models, [Q], 4, seed=5, config=config)[0]
     assert len({s.text for s in samples}) > 1
-    assert [s.text for s in em.sample_responses(models, "What is 2+3?", 4, seed=5, config=config)] == \
+    assert [s.text for s in em.sample(models, [Q], 4, seed=5, config=config)[0]] == \
            [s.text for s in samples]
-    assert [s.text for s in em.sample_responses(models, "What is 2+3?", 4, seed=6, config=config)] != \
+    assert [s.text for s in em.sample(models, [Q], 4, seed=6, config=config)[0]] != \
            [s.text for s in samples]
     assert all(1 <= s.tokens <= 6 for s in samples)
 
 
 def test_solve_counts_model_calls_and_bon_returns_the_best_scored_sample(tok, lm, rm):
     models, config = em.Models(lm, tok, rm, tok), em.NablaConfig(max_new_tokens=5)
-    greedy = em.solve("greedy", "What is 2+3?", models, config=config)
+    greedy = em.solve("greedy", [Q], models, config=config)[0]
     assert greedy["model_calls"] == greedy["generated_tokens"] == 5  # a random model does not stop early
-    sc = em.solve("sc", "What is 2+3?", models, n=3, seed=1, config=config)
+    sc = em.solve("sc", [Q], models, n=3, seed=1, config=config)[0]
     assert sc["model_calls"] == sc["generated_tokens"] == sum(sc["stats"]["sample_tokens"])
-    bon = em.solve("bon", "What is 2+3?", models, n=3, seed=1, config=config)
+    bon = em.solve("bon", [Q], models, n=3, seed=1, config=config)[0]
     rewards = bon["stats"]["rewards"]
     assert bon["model_calls"] == bon["generated_tokens"] + 3 and len(rewards) == 3
     assert rewards[bon["stats"]["chosen"]] == max(rewards)
-    samples = em.sample_responses(models, "What is 2+3?", 3, seed=1, config=config)
+    samples = em.sample(models, [Q], 3, seed=1, config=config)[0]
     assert bon["response"] == samples[bon["stats"]["chosen"]].text
     # batched scoring (right-padded) gives each sample's own score, as nabla.score reads it
     assert rewards == pytest.approx([score(rm, tok, "What is 2+3?", s.scored_text) for s in samples], abs=1e-5)
@@ -186,19 +187,19 @@ def test_solve_counts_model_calls_and_bon_returns_the_best_scored_sample(tok, lm
     batched, _ = em.score_batch(em.Models(other_lm, tok, rm, rm_tok), pairs, batch=3)
     assert batched == pytest.approx([score(rm, tok, *pair) for pair in pairs], abs=1e-5)
     with pytest.raises(ValueError, match="needs sampling"):
-        em.solve("sc", "What is 2+3?", models, n=2, config=em.NablaConfig(rollout_temperature=0.0))
+        em.solve("sc", [Q], models, n=2, config=em.NablaConfig(rollout_temperature=0.0))
     # forward-token-equivalents: each sample's prompt and tokens but the last, and what the RM read
     prompt_len = len(chat_prompt_ids(tok, "What is 2+3?"))
     rm_len = sum(len(reward_ids(tok, "What is 2+3?", s.scored_text)) for s in samples)
     assert bon["forward_token_equivalents"] == sum(prompt_len + t - 1 for t in bon["stats"]["sample_tokens"]) + rm_len
     with pytest.raises(ValueError, match="unknown method"):
-        em.solve("beam", "What is 2+3?", models)
+        em.solve("beam", [Q], models)
 
 
 def test_solve_nabla_revises_and_its_model_calls_follow_the_counting_rule(tok, lm, rm):
     # Thresholds that make every position worth optimizing, so revisions happen even with random models.
     config = em.NablaConfig(max_new_tokens=5, grad_norm_threshold=0.0, confidence_threshold=1.0, dto_iters=2)
-    result = em.solve("nabla", "What is 2+3?", em.Models(lm, tok, rm, tok), n=2, seed=0, config=config)
+    result = em.solve("nabla", [Q], em.Models(lm, tok, rm, tok), n=2, seed=0, config=config)[0]
     stats = result["stats"]
     assert stats["rollouts"] == 2 and stats["revisions_proposed"] >= 1 and stats["grad_steps"] >= 1
     # One call per generated token, one per scored draft, four per gradient pass (COUNTING_RULE).
@@ -242,7 +243,7 @@ def test_every_method_end_to_end_on_three_math500_problems(model_dirs, tmp_path)
 
 
 def test_resume_after_an_interrupted_run(model_dirs, tmp_path, monkeypatch):
-    out, calls, real_solve = tmp_path / "out.jsonl", [], em.solve_batch
+    out, calls, real_solve = tmp_path / "out.jsonl", [], em.solve
 
     def interrupted_solve(method, prompts, *args, **kwargs):
         calls.extend(prompts)
@@ -250,7 +251,7 @@ def test_resume_after_an_interrupted_run(model_dirs, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C (or a kill) in the middle of the third problem
         return real_solve(method, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(em, "solve_batch", interrupted_solve)
+    monkeypatch.setattr(em, "solve", interrupted_solve)
     with pytest.raises(KeyboardInterrupt):
         run(model_dirs, out, "--prompt-suffix", "Put the answer in \\boxed{}.")
     first_two = out.read_text()
@@ -290,7 +291,7 @@ def test_resume_repairs_what_a_kill_left_at_the_end_of_the_file(tmp_path):
 
 
 def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(model_dirs, tmp_path, monkeypatch):
-    out, real_solve = tmp_path / "out.jsonl", em.solve_batch
+    out, real_solve = tmp_path / "out.jsonl", em.solve
     second = em.load_problems(PROBLEMS)[1].problem
 
     def oom_on_second(method, prompts, *args, **kwargs):
@@ -298,7 +299,7 @@ def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(mod
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
         return real_solve(method, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(em, "solve_batch", oom_on_second)
+    monkeypatch.setattr(em, "solve", oom_on_second)
     assert run(model_dirs, out) == 0
     records = read_jsonl(out)
     assert [r["error"] for r in records] == [None, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", None]
@@ -306,7 +307,7 @@ def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(mod
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["methods"]["greedy"]["errors"] == 1 and summary["methods"]["greedy"]["problems"] == 3
 
-    monkeypatch.setattr(em, "solve_batch", real_solve)
+    monkeypatch.setattr(em, "solve", real_solve)
     assert run(model_dirs, out) == 0
     records = read_jsonl(out)
     assert len(records) == 3 and all(r["error"] is None for r in records)
@@ -717,7 +718,7 @@ def test_an_output_from_before_manifests_still_resumes_and_merges(model_dirs, tm
     assert snapshot(tmp_path) == before
     assert em.main(["--merge", str(tmp_path)]) == 0  # merging goes by the records too
     assert len(read_jsonl(out)) == 4 and not manifest.exists()
-    monkeypatch.setattr(em, "solve_batch", lambda *a, **k: pytest.fail("nothing is left to solve"))
+    monkeypatch.setattr(em, "solve", lambda *a, **k: pytest.fail("nothing is left to solve"))
     assert run(model_dirs, out, "--shard", "1/2", limit=4) == 0  # resumes, and writes the manifest from the records
     assert manifest.read_text() == written
 
