@@ -25,18 +25,12 @@ The file reads top to bottom in the order of the paper:
   sample_top_p, accept      redraw the optimized token; rejection sampling by the reward model
   NablaReasoner.generate    the decoding loop: draft, select, optimize, redraw, roll out, accept
 
-Where this file goes beyond the authors' release (VITA-Group/Nabla-Reasoner):
-  * both drafts in the acceptance test are scored as the same thing (prompt in the reward model's chat
-    template + the whole response), so the returned draft never scores below the first one;
-  * a DTO step runs both models over the ahead span only, on KV caches of the prompt and committed
-    tokens, and computes vocabulary logits only for the ahead span;
-  * one position is a parameter (not an [ahead x vocab] tensor), kept in fp32 even for bf16 models, and the
-    reward model's score head runs in fp32, so rewards of bf16 models are not rounded into ties;
-  * the gradient computed for token selection is reused as DTO's first gradient when DTO starts at the
-    drafted token (the LLM's argmax; always with greedy drafts);
-  * rollouts run in-process with `generate`, on the same KV cache (a static, compiled one with
-    fast_rollout=True);
-  * every pass is counted in forward-token-equivalents as well as in model calls (see NablaReasoner).
+Beyond the authors' release (VITA-Group/Nabla-Reasoner), each where it happens: both drafts of an
+acceptance test are scored as the same thing (score); a DTO step runs both models over the ahead span
+only, on KV caches of the prefix, with vocabulary logits for the ahead span only (ahead_loss_and_grads);
+the variable is one fp32 position (dto) and the reward head runs in fp32 (reward_head); the selection
+pass's gradient serves DTO's first iteration (NablaReasoner._dto); rollouts run in-process on the same
+KV cache (NablaReasoner._rollout); every pass is counted, in forward-token-equivalents too.
 """
 import math
 import time
@@ -49,6 +43,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, StaticCache
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (key, value) per layer, [1, heads, positions, dim]
+# The counters of NablaOutput.stats (see NablaReasoner), in the order they are reported.
+STATS = ("model_calls", "forward_token_equivalents", "generated_tokens", "rollouts", "revisions_proposed",
+         "revisions_accepted", "grad_steps", "cached_steps", "optimized_tokens", "reward_splice_mismatches")
 
 
 @dataclass
@@ -116,19 +113,14 @@ def align_vocab(lm_tokenizer, rm_tokenizer, lm_vocab_rows: int, min_overlap: flo
 def eos_token_ids(lm) -> list[int]:
     """Every end-of-sequence id of the LM's generation config (Qwen2.5-Instruct has two)."""
     eos = lm.generation_config.eos_token_id
-    if eos is None:
-        eos = lm.config.eos_token_id
+    eos = lm.config.eos_token_id if eos is None else eos
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def _require_chat_template(tokenizer, who: str) -> None:
+def _check_inputs(tokenizer, who: str, prompt: str = "any prompt") -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the {who} tokenizer has no chat template; ∇-Reasoner puts the prompt in the user turn of "
                          f"the chat template, so set tokenizer.chat_template first")
-
-
-def _check_inputs(tokenizer, prompt: str, who: str) -> None:
-    _require_chat_template(tokenizer, who)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt must be a non-empty string")
 
@@ -139,7 +131,7 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt as the user turn of the chat template, followed by the assistant's header."""
-    _check_inputs(tokenizer, prompt, "policy")
+    _check_inputs(tokenizer, "policy", prompt)
     messages = [{"role": "user", "content": prompt}]
     return _ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
@@ -155,7 +147,7 @@ def reward_template(rm_tokenizer, prompt: str) -> tuple[list[int], list[int]]:
     The differentiable path splices the response's tokens in between. Splitting the rendered text at a
     marker works for any template, including ones that add text around the response.
     """
-    _check_inputs(rm_tokenizer, prompt, "reward model")
+    _check_inputs(rm_tokenizer, "reward model", prompt)
     marker = "\u2063RESPONSE\u2063"
     text = _conversation(rm_tokenizer, prompt, marker)
     if text.count(marker) != 1:
@@ -192,11 +184,9 @@ def score_ids(rm, ids: list[int]) -> float:
 
 
 def score(rm, rm_tokenizer, prompt: str, response: str) -> float:
-    """r(x, y): the reward model's score for the response, both in the reward model's chat template.
-
-    Every draft, first or revised, is scored by this one function on its whole text, so rewards are
-    comparable (the authors' acceptance test scored the two drafts of a comparison differently).
-    """
+    """r(x, y): the reward model's score for the response, both in the reward model's chat template. Every
+    draft, first or revised, is scored on its whole text this way, so rewards are comparable (the authors'
+    acceptance test scored the two drafts of a comparison differently)."""
     return score_ids(rm, reward_ids(rm_tokenizer, prompt, response))
 
 
@@ -210,11 +200,8 @@ def _cache(kv: KV) -> DynamicCache:
 
 
 def _keep(cache, n: int) -> KV:
-    """A copy of the first n positions of a cache, cut off from the autograd graph.
-
-    A copy, not a view: a view would keep the whole cache (the ahead span too) alive, and a static
-    cache is overwritten by the next rollout.
-    """
+    """A copy of the first n positions of a cache, cut off from the autograd graph. A copy, not a view: a view
+    would keep the whole cache (the ahead span too) alive, and a static cache is overwritten by the next rollout."""
     return tuple((layer.keys[:, :, :n].detach().clone(), layer.values[:, :, :n].detach().clone())
                  for layer in cache.layers)
 
@@ -414,7 +401,7 @@ class NablaReasoner:
     Without a reward model, DTO follows the likelihood term alone and every revision is kept.
     Models are used as given (device, dtype, eval mode), except that their weights are frozen
     (requires_grad=False): only the token embeddings need gradients, and a weight that requires one
-    makes autograd keep every activation a weight gradient would need (+50% saved memory).
+    makes autograd keep every activation a weight gradient would need (more saved memory for nothing).
 
     stats["model_calls"] counts passes as the paper does (1 per generated token, 1 per scoring, 4 per
     gradient pass, prefills included); stats["forward_token_equivalents"] counts the tokens they run:
@@ -427,7 +414,7 @@ class NablaReasoner:
             raise ValueError(f"space must be 'logits' or 'latents', not {cfg.space!r}")
         if (rm is None) != (rm_tokenizer is None):
             raise ValueError("give both the reward model and its tokenizer, or neither")
-        _require_chat_template(lm_tokenizer, "policy")
+        _check_inputs(lm_tokenizer, "policy")
         vocab_rows = lm.get_input_embeddings().weight.shape[0]
         if lm.get_output_embeddings().weight.shape[0] != vocab_rows:
             raise ValueError("the LM's input and output vocabularies differ in size")
@@ -436,7 +423,7 @@ class NablaReasoner:
         self.eos = set(eos_token_ids(lm))
         self.vocab_map = self._rm_id = None
         if rm is not None:
-            _require_chat_template(rm_tokenizer, "reward model")
+            _check_inputs(rm_tokenizer, "reward model")
             if rm.config.num_labels != 1:
                 raise ValueError(f"the reward model must have one output (num_labels=1), not {rm.config.num_labels}")
             rm.requires_grad_(False)
@@ -457,17 +444,14 @@ class NablaReasoner:
 
     def generate(self, prompt: str, seed: int = 0) -> NablaOutput:
         """Answer one prompt. The same seed on the same device gives the same output."""
-        _check_inputs(self.lm_tokenizer, prompt, "policy")
+        _check_inputs(self.lm_tokenizer, "policy", prompt)
         devices = [self.lm.device] if self.lm.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # seed locally, leave the caller's random state alone
             torch.manual_seed(seed)
             return self._decode(prompt)
 
     def _decode(self, prompt: str) -> NablaOutput:
-        cfg, start_time = self.cfg, time.perf_counter()
-        stats = dict(model_calls=0, forward_token_equivalents=0, generated_tokens=0, rollouts=0,
-                     revisions_proposed=0, revisions_accepted=0, grad_steps=0, cached_steps=0, optimized_tokens=0,
-                     reward_initial=None, reward_final=None, reward_splice_mismatches=0)
+        cfg, stats, start_time = self.cfg, dict.fromkeys(STATS, 0), time.perf_counter()
         rm_before, rm_after = reward_template(self.rm_tokenizer, prompt) if self.rm is not None else ([], [])
         prefix = Prefix(chat_prompt_ids(self.lm_tokenizer, prompt), rm_before, rm_after)
         committed: list[int] = []  # response tokens fixed for good
@@ -478,7 +462,7 @@ class NablaReasoner:
 
         while ahead and stats["rollouts"] < cfg.max_rollouts:
             # 2. One pass over the ahead span gives every position's confidence and gradient; commit the
-            #    tokens before the first one worth optimizing.
+            #    tokens before the first one worth optimizing (all of them if there is none).
             step = self._loss_and_grads(prefix, ahead, stats)
             s, grad = select_position(step, cfg, lambda pos: self._onehot_grads(step, pos))
             n_commit = len(ahead) if s is None else s
@@ -486,22 +470,12 @@ class NablaReasoner:
             committed, ahead = committed + ahead[:n_commit], ahead[n_commit:]
             if s is None:
                 break
-            # DTO starts from the LLM's own logits (or latents) at that position. Copy the row, and let the
-            # pass's [ahead x vocabulary] tensors go before DTO makes its own.
+
+            # 3. DTO on that position, from the LLM's own logits (or latents) there; redraw the token from
+            #    the optimized logits. The row is copied so that the pass's [ahead x V] tensors can go first.
             z0 = (step.logp[s] if cfg.space == "logits" else step.hidden[s]).clone()
             del step
-
-            # 3. DTO on that position. While the argmax is the drafted token, the selection pass's gradient
-            #    serves DTO's first iteration (dto checks the token).
-            rest = ahead[1:]
-
-            def full_grad(token: int) -> torch.Tensor:
-                return self._onehot_grads(self._loss_and_grads(prefix, [token] + rest, stats), [0])[0]
-
-            to_logits = (lambda z: z) if cfg.space == "logits" else self._latent_logits
-            z, n_full, n_cached = dto(z0, full_grad, cfg, first=(ahead[0], grad), to_logits=to_logits)
-            stats["cached_steps"] += n_cached
-            stats["optimized_tokens"] += 1
+            z = self._dto(prefix, ahead, z0, grad, stats)
             token = sample_top_p(z, cfg.resample_temperature, cfg.resample_top_p, cfg.resample_top_k)
 
             # 4. A changed token gets a new continuation, kept only if the reward model prefers it.
@@ -516,7 +490,22 @@ class NablaReasoner:
             committed, ahead = committed + ahead[:1], ahead[1:]
 
         # 5. Budget spent, end of sequence or nothing left to optimize: the current draft is the answer.
-        response = [t for t in committed + ahead if t not in self.eos]
+        return self._answer(committed + ahead, reward, stats, start_time)
+
+    def _dto(self, prefix: Prefix, ahead: list[int], z0: torch.Tensor, grad: torch.Tensor, stats: dict):
+        """dto() on ahead[0] with the rest of the draft held fixed. While the argmax is the drafted token, the
+        selection pass's gradient serves DTO's first iteration (dto checks the token)."""
+        def full_grad(token: int) -> torch.Tensor:
+            return self._onehot_grads(self._loss_and_grads(prefix, [token] + ahead[1:], stats), [0])[0]
+
+        to_logits = (lambda z: z) if self.cfg.space == "logits" else self._latent_logits
+        z, n_full, n_cached = dto(z0, full_grad, self.cfg, first=(ahead[0], grad), to_logits=to_logits)
+        stats["cached_steps"] += n_cached
+        stats["optimized_tokens"] += 1
+        return z
+
+    def _answer(self, tokens: list[int], reward: float | None, stats: dict, start_time: float) -> NablaOutput:
+        response = [t for t in tokens if t not in self.eos]
         stats["reward_final"] = reward
         if self.rm is not None:  # how much of the response the reward model can read (token string alignment)
             stats["rm_token_coverage"] = sum(self._rm_id[t] >= 0 for t in response) / max(len(response), 1)
