@@ -248,15 +248,15 @@ def run_samplers(problems: list[Problem], models, config: NablaConfig, ns: tuple
     equivalents as solve counts them: a generated token each, a reward scoring each; each sample's prompt
     and tokens but the last, and the reward model's tokens for each scored sample.
     """
-    from eval_math import is_correct, problem_seed, sample_responses, solve, vote
+    from eval_math import is_correct, problem_seed, sample as sample_responses, solve, vote
     tok, rm, start = models.lm_tokenizer, models.rm, time.perf_counter()
     greedy, runs = [], {(m, n): [] for m in ("sc", "bon") for n in ns}
     for i, p in enumerate(problems):
         prompt_len = len(chat_prompt_ids(tok, p.prompt))
-        g = solve("greedy", p.prompt, models, n=1, seed=problem_seed(seed, i), config=config)
+        g = solve("greedy", [p.prompt], models, n=1, seed=problem_seed(seed, i), config=config)[0]
         greedy.append(dict(correct=is_correct(g["response"], p.answer), calls=g["model_calls"],
                            fte=g["forward_token_equivalents"], proposed=0, accepted=0))
-        samples = sample_responses(models, p.prompt, max(ns), problem_seed(seed, i), config)
+        samples = sample_responses(models, [p.prompt], max(ns), problem_seed(seed, i), config)[0]
         rewards = [score(rm, tok, p.prompt, s.scored_text) for s in samples]
         right = [is_correct(s.text, p.answer) for s in samples]
         rm_len = [len(reward_ids(tok, p.prompt, s.scored_text)) for s in samples]
@@ -281,7 +281,7 @@ def run_nabla(label: str, n: int, config: NablaConfig, problems: list[Problem], 
     from eval_math import is_correct, problem_seed, solve
     rows, start = [], time.perf_counter()
     for i, p in enumerate(problems):
-        r = solve("nabla", p.prompt, models, n=n, seed=problem_seed(seed, i), config=config)
+        r = solve("nabla", [p.prompt], models, n=n, seed=problem_seed(seed, i), config=config)[0]
         st = r["stats"]
         rows.append(dict(correct=is_correct(r["response"], p.answer), calls=r["model_calls"],
                          fte=r["forward_token_equivalents"], proposed=st["revisions_proposed"],
@@ -450,6 +450,7 @@ def draw_curve(report: dict, path: Path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         print("the curve is not drawn: matplotlib is not installed")
         return
@@ -458,28 +459,33 @@ def draw_curve(report: dict, path: Path) -> None:
     rows, greedy, s = curves(results, ns), results["greedy"], report["training"]["settings"]
     style = {"self-consistency": dict(color="tab:blue", marker="o"),
              "best-of-N": dict(color="tab:orange", marker="s"), "∇-Reasoner": dict(color="tab:green", marker="D")}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    for ax, key, xlabel in ((axes[0], "model_calls", "mean model calls per problem"),
-                            (axes[1], "forward_tokens", "mean forward-token-equivalents per problem")):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+    for ax, key, unit, note in ((axes[0], "model_calls", "model calls", ""),
+                                (axes[1], "forward_tokens", "forward-token-equivalents",
+                                 " (a token of a differentiated pass counts 3)")):
         for name, series in rows.items():
             ax.errorbar([r[key] for r in series], [100 * r["accuracy"][0] for r in series],
                         yerr=[100 * r["accuracy"][1] for r in series], capsize=3, label=name, **style[name])
-        for n, r in zip(ns, rows["best-of-N"]):
-            ax.annotate(f"N={n}", (r[key], 100 * r["accuracy"][0]), textcoords="offset points", xytext=(6, -12),
-                        fontsize=8, color=style["best-of-N"]["color"])
-        ax.plot([r[key] for r in rows["self-consistency"]], [100 * results[f"pass_{n}"][0] for n in ns], color="gray",
-                ls="--", marker="o", mfc="none", label="pass@N (some sample right: a perfect selector)")
         ax.errorbar([greedy[key]], [100 * greedy["accuracy"][0]], yerr=[100 * greedy["accuracy"][1]], color="black",
-                    marker="*", markersize=11, capsize=3, ls="none", label="greedy")
+                    marker="*", markersize=12, capsize=3, ls="none", label="greedy")
+        ax.plot([r[key] for r in rows["self-consistency"]], [100 * results[f"pass_{n}"][0] for n in ns], color="gray",
+                ls="--", marker="o", mfc="none", label="pass@N: some sample right (a perfect selector)")
         ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"mean {unit} per problem")
+        ax.set_title(f"cost in {unit}{note}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"accuracy on {report['problems']} test problems (%)")
-    axes[0].legend(loc="upper left", fontsize=9)
-    fig.suptitle(f"∇-Reasoner in miniature: multi-step arithmetic, a {s['layers']}-layer character-level policy and a "
-                 f"{s['layers'] + s['rm_extra_layers']}-layer process-supervised reward model (width {s['hidden']})\n"
-                 f"N = {', '.join(map(str, ns))}: samples for self-consistency and best-of-N, the rollout budget for "
-                 f"∇-Reasoner; bars: ± one standard error", fontsize=10)
+    axes[0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()  # the methods first, pass@N last
+    order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("pass@N"))
+    axes[0].legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left", fontsize=9)
+    fig.suptitle(f"∇-Reasoner in miniature: {report['problems']} held-out multi-step arithmetic problems, a "
+                 f"{s['layers']}-layer character-level policy and a {s['layers'] + s['rm_extra_layers']}-layer "
+                 f"process-supervised reward model (width {s['hidden']})\npoints from left to right: N = "
+                 f"{', '.join(map(str, ns))} (samples for self-consistency and best-of-N, the rollout budget for "
+                 f"∇-Reasoner); bars: ± one standard error", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
