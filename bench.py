@@ -6,21 +6,7 @@
 
 Random weights (nothing is downloaded) change no cost of a pass; rates that depend on the models (cache hits) are
 only indicative. Machines are noisy: variants take turns and compare as ratios, and a CPU runs one thread.
-It prints a table, then the record as one JSON line:
-  dto_step_ms           one DTO gradient step (LM + RM forward and backward, ∂L/∂ŷ_0) four ways, authors' to ours,
-                        each adding one optimization; dto_step_speedup = authors' / ours
-  grad_check_max_rel_err  the largest difference of a way's ∂L/∂ŷ_0 from the authors' / its largest entry; in fp32
-                        nothing is timed unless it is below 1e-4
-  score_ms              one reward-model scoring of prompt + committed + ahead tokens
-  grad_cache_skip_rate  a generate run's DTO iterations served by a cached gradient / all of them
-  selection_reuse       its DTO runs (of selection_reuse_offered) whose first pass the selection gradient saved
-  rollout_tokens_per_s  ours (on the stored prefix KV), fast (a static cache, compiled on a GPU), plain (from scratch)
-  dto_mfu               CUDA: 6 x non-embedding params x tokens run with gradients / step time / dense bf16 peak
-  dto_mfu_executed      the same with 4 x: DTO takes no weight gradients, so that is what the GPU executes
-  peak_memory_gb        CUDA: our step's, weights in, at MATH-500's longest pass (prompt + 1024 ahead); _authors: theirs
-  rollout_bandwidth_fraction  CUDA: tokens/s x weight bytes / memory bandwidth (ours and fast)
-  projected_hours       --tokens-from: problems x (tokens / tokens/s + grad passes x step + scorings x scoring) / 3600
-                        per method; rollouts are timed one at a time, so sc and bon (which batch theirs) come out high
+It prints a table, then the record as one JSON line; docs/performance.md says what each field means.
 """
 import argparse
 import contextlib
@@ -301,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         if len(tokens) != new:  # a rate over unequal lengths would not be fair
             raise AssertionError(f"a rollout of {len(tokens)} new tokens, not {new}")
 
-    rollout(True, stored)  # warm-up of the fast path: on a GPU, generate compiles the decode step here
+    for fast, kv in ((True, stored), (False, stored), (False, ())):  # warm-ups: on a GPU, the fast path compiles
+        rollout(fast, kv)
     rollout_ms = median_ms(dict(ours=lambda: rollout(False, stored), fast=lambda: rollout(True, stored),
                                 plain=lambda: rollout(False, ())), min(args.repeats, 3), cuda)
     tps = {name: new / (t / 1e3) for name, t in rollout_ms.items()}
