@@ -468,8 +468,8 @@ def draw_curve(report: dict, path: Path) -> None:
                         yerr=[100 * r["accuracy"][1] for r in series], capsize=3, label=name, **style[name])
         ax.errorbar([greedy[key]], [100 * greedy["accuracy"][0]], yerr=[100 * greedy["accuracy"][1]], color="black",
                     marker="*", markersize=12, capsize=3, ls="none", label="greedy")
-        ax.plot([r[key] for r in rows["self-consistency"]], [100 * results[f"pass_{n}"][0] for n in ns], color="gray",
-                ls="--", marker="o", mfc="none", label="pass@N: some sample right (a perfect selector)")
+        ax.errorbar([r[key] for r in rows["self-consistency"]], [100 * results[f"pass_{n}"][0] for n in ns],
+                    color="gray", ls="--", marker="o", mfc="none", label="pass@N: some sample right (a perfect selector)")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
@@ -478,9 +478,7 @@ def draw_curve(report: dict, path: Path) -> None:
         ax.set_title(f"cost in {unit}{note}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    handles, labels = axes[0].get_legend_handles_labels()  # the methods first, pass@N last
-    order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("pass@N"))
-    axes[0].legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left", fontsize=9)
+    axes[0].legend(loc="upper left", fontsize=9)
     fig.suptitle(f"∇-Reasoner in miniature: {report['problems']} held-out multi-step arithmetic problems, a "
                  f"{s['layers']}-layer character-level policy and a {s['layers'] + s['rm_extra_layers']}-layer "
                  f"process-supervised reward model (width {s['hidden']})\npoints from left to right: N = "
