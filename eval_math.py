@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,20 +91,22 @@ def load_problems(path: Path) -> list[Problem]:
             value = json.loads(chunk)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {lineno + e.lineno - 1}: malformed JSON ({e.msg})") from None
-        rows += [(row, f"{path} entry {i}") for i, row in enumerate(value)] if array else [(value, f"{path} line {lineno}")]
+        rows += ([(row, f"{path} entry {i}") for i, row in enumerate(value)] if array
+                 else [(value, f"{path} line {lineno}")])
     for index, (row, where) in enumerate(rows):
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        text, answer, id = row.get("problem", row.get("prompt")), row.get("answer"), str(row.get("unique_id", row.get("id", index)))
+        text, answer = row.get("problem", row.get("prompt")), row.get("answer")
+        key = str(row.get("unique_id", row.get("id", index)))
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: no 'problem' (or 'prompt') text")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)  # AIME and AMC answers are numbers
         if not isinstance(answer, str) or not answer.strip():
             raise InputError(f"{where}: no 'answer'")
-        if id in problems:
-            raise InputError(f"{where}: id {id!r} appears twice (results are matched to problems by id)")
-        problems[id] = Problem(index, id, text, answer)
+        if key in problems:
+            raise InputError(f"{where}: id {key!r} appears twice (results are matched to problems by id)")
+        problems[key] = Problem(index, key, text, answer)
     if not problems:
         raise InputError(f"{path}: no problems in the file")
     return list(problems.values())
@@ -143,7 +146,8 @@ def _equivalent(reference: list, candidate: list) -> bool:
     """math-verify's judgement (the reference plays the gold), else equal normalised strings."""
     if not reference or not candidate:
         return False
-    return verify(reference, candidate) or _normalise(_answer_string(reference)) == _normalise(_answer_string(candidate))
+    return (verify(reference, candidate)
+            or _normalise(_answer_string(reference)) == _normalise(_answer_string(candidate)))
 
 
 def extract_answer(text: str) -> str | None:
@@ -172,7 +176,10 @@ def _vote(parsed: list[list]) -> tuple[int, list[list[int]]]:
     for i, answer in enumerate(parsed):
         if answer:
             group = next((g for g in groups if _equivalent(parsed[g[0]], answer)), None)
-            group.append(i) if group else groups.append([i])
+            if group:
+                group.append(i)
+            else:
+                groups.append([i])
     return (max(groups, key=len)[0], groups) if groups else (0, [])
 
 
@@ -210,7 +217,7 @@ class Sample:
 
 
 def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig,
-                 greedy: bool = False) -> list[list[Sample]]:
+           greedy: bool = False) -> list[list[Sample]]:
     """N responses to each prompt from one `generate` call (num_return_sequences=N), seeded locally.
 
     Several prompts are left-padded into one batch; greedy answers are the same as one at a time.
@@ -267,7 +274,7 @@ def score_batch(models: Models, pairs: list[tuple[str, str]], batch: int = 16) -
 
 
 def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int = 0,
-                config: NablaConfig | None = None) -> list[dict]:
+          config: NablaConfig | None = None) -> list[dict]:
     """Answer prompts with one method, as {"response", "model_calls", "forward_token_equivalents",
     "generated_tokens", "wall_time_s", "stats"} each.
 
@@ -393,6 +400,13 @@ def shard_path(output: Path, shard: int, shards: int) -> Path:
     return output if shards == 1 else output.with_name(f"{output.stem}.rank{shard}{output.suffix}")
 
 
+def rank_files(output: Path) -> list[Path]:
+    """The shard files beside `output` (<stem>.rank<i><suffix>), whatever the number of shards, in rank order."""
+    pattern = re.compile(re.escape(output.stem) + r"\.rank(\d+)" + re.escape(output.suffix))
+    ranked = [(int(m.group(1)), p) for p in output.parent.iterdir() if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(ranked)]
+
+
 def beside(output: Path, what: str) -> Path:
     """results/math500.jsonl.summary.json, results/math500.jsonl.manifest.json."""
     return output.with_name(f"{output.name}.{what}.json")
@@ -406,7 +420,9 @@ def read_records(path: Path) -> tuple[list[dict], bool]:
     for lineno, line in enumerate(lines, 1):
         try:
             record = json.loads(line) if line.strip() else None
-            if record is not None and not (isinstance(record, dict) and {"id", "method"} <= record.keys()):
+            if record is not None and not (isinstance(record, dict) and isinstance(record.get("id"), str)
+                                           and record.get("method") in METHODS
+                                           and isinstance(record.get("settings") or {}, dict)):
                 raise ValueError("not a result record")
         except ValueError:
             if lineno == len(lines) and not clean:
@@ -441,12 +457,18 @@ def _to_json(record: dict) -> str:
 
 
 def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
-    """Write a whole file so that a reader or a kill never sees half of it. exclusive: raise FileExistsError
-    if the file exists (a hard link, unlike a rename, never replaces a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    """Write a whole file so that a reader, a kill or a power cut never leaves half of it. exclusive: raise
+    FileExistsError if the file exists (a hard link, unlike a rename, never replaces a file)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and machines
     try:
-        os.link(tmp, path) if exclusive else os.replace(tmp, path)
+        with tmp.open("x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -485,41 +507,49 @@ def conflict(found: dict, expected: dict) -> tuple | None:
 def read_manifest(path: Path) -> dict | None:
     """Every method's settings, as the manifest holds them; None if there is no manifest."""
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))["settings"]
-        if not all(isinstance(s, dict) for s in settings.values()):
-            raise ValueError("settings are not a mapping of methods")
-        return settings
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON is a ValueError
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {first_line(e)}") from None
+    try:
+        settings = json.loads(text)["settings"]
+        if not all(isinstance(settings.get(m), dict) for m in METHODS):
+            raise ValueError(f"no settings for each of {', '.join(METHODS)}")
+        return settings
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON is a ValueError
         raise InputError(f"{path}: not a settings manifest of this script ({first_line(e)}); delete it and it is "
                          f"written again from the results' own records") from None
 
 
-def agree_on_settings(output: Path, files: list[Path], settings: dict, methods: list[str], write: bool) -> None:
+def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> None:
     """Refuse, changing nothing, unless this run's settings are those of the manifest beside `output`.
 
     The first run (or shard) on an output writes every method's settings there, so that a method added later
-    is checked too. An output from before manifests has none: its records, which carry their settings, are
-    checked instead and fill in the manifest. Of shards started at once exactly one creates it (exclusively);
-    the others compare with it.
+    is checked too. An output from before manifests has none: the settings its records (and its shards'
+    records) carry are checked instead, and fill in the manifest. Of shards started at once exactly one
+    creates it (exclusively); the others compare with it.
     """
     path = beside(output, "manifest")
-    while True:
+    for attempt in range(2):  # a second look when another shard wrote the manifest while this one looked
         recorded = read_manifest(path)
         claims = ([(path, m, s) for m, s in recorded.items()] if recorded is not None else
-                  [(f, r["method"], r.get("settings") or {}) for f in files for r in read_records(f)[0]])
+                  [(f, r["method"], r.get("settings") or {}) for f in [output, *rank_files(output)]
+                   for r in read_records(f)[0]])
         for where, method, found in claims:
             if method in methods and (c := conflict(found, settings[method])):
-                raise InputError(f"{where} holds results of another run ({c[0]}: {c[1]!r} in the file, {c[2]!r} now);"
-                                 f" pick another --output or use the same options")
+                raise InputError(f"{where} was written by a run with other settings ({c[0]}: {c[1]!r} in the file, "
+                                 f"{c[2]!r} now); pick another --output or use the same options")
         if recorded is not None or not write:
             return
-        manifest = {**settings, **{m: s for _, m, s in reversed(claims)}}  # the first record of a method wins
+        manifest = dict(settings)
+        for method in {m for _, m, _ in claims}:  # an old output's methods keep the settings of their first record
+            manifest[method] = next(found for _, m, found in claims if m == method)
         try:
             return write_atomically(path, json.dumps({"settings": manifest}, indent=1) + "\n", exclusive=True)
         except FileExistsError:  # another shard got there first: compare with its manifest instead
             continue
+    raise InputError(f"{path}: exists but cannot be read (a broken link?); remove it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,13 +591,13 @@ def write_summary(output: Path, records: list[dict], config: dict) -> dict:
     return summary
 
 
-def merge(output: Path, rank_files: list[Path], config: dict | None = None, keys: set | None = None) -> dict:
+def merge(output: Path, ranks: list[Path], config: dict | None = None, keys: set | None = None) -> dict:
     """Combine the shards' files (and what `output` holds) into `output` and its summary, if every record has
     the manifest's settings (or, without a manifest, those of the first record of its method); otherwise
     change nothing. With `keys`, the summary covers those (id, method) results only."""
     manifest = beside(output, "manifest")
     reference = {m: (s, manifest) for m, s in (read_manifest(manifest) or {}).items()}
-    sources = [(p, read_records(p)[0]) for p in [output, *rank_files]]
+    sources = [(p, read_records(p)[0]) for p in [output, *ranks]]
     for path, records in sources:
         for record in records:
             found = record.get("settings") or {}
@@ -578,8 +608,9 @@ def merge(output: Path, rank_files: list[Path], config: dict | None = None, keys
     combined = best_records([r for _, records in sources for r in records]).values()
     combined = sorted(combined, key=lambda r: (r.get("index", 0), METHODS.index(r["method"])))
     write_atomically(output, "".join(_to_json(r) + "\n" for r in combined))
-    config = {**(config or {"settings": {m: s for m, (s, _) in reference.items()}}), "shard": None,
-              "merged_from": [str(p) for p in rank_files]}
+    if config is None:  # --merge: the settings of the methods merged, from the manifest or the first records
+        config = {"settings": {m: reference[m][0] for m in METHODS if any(r["method"] == m for r in combined)}}
+    config = {**config, "shard": None, "merged_from": [str(p) for p in ranks]}
     return write_summary(output, [r for r in combined if keys is None or (r["id"], r["method"]) in keys], config)
 
 
@@ -588,11 +619,9 @@ def merge_dir(directory: Path, output_name: str) -> int:
     if not directory.is_dir():
         raise InputError(f"--merge {directory}: no such folder")
     output = directory / output_name
-    pattern = re.compile(re.escape(output.stem) + r"\.rank(\d+)" + re.escape(output.suffix))
-    ranked = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.fullmatch(p.name)))
-    if not ranked:
+    if not (ranks := rank_files(output)):
         raise InputError(f"--merge {directory}: no {output.stem}.rank*{output.suffix} files there")
-    merge(output, [p for _, p in ranked])
+    merge(output, ranks)
     return 0
 
 
@@ -623,14 +652,14 @@ def evaluate(args) -> int:
                          rollout_top_k=args.top_k, resample_top_k=args.top_k, fast_rollout=args.compile)
     settings = {m: method_settings(m, args, config, dtype, device, data_hash) for m in METHODS}
     path, ranks = shard_path(output, shard, shards), [shard_path(output, s, shards) for s in range(shards)]
-    files = [output] + ranks * (shards > 1)
 
     # Refuse before anything is loaded or changed. The manifest is written once the models have loaded, so
     # that a typo in --model leaves none behind; agreeing again compares with a shard that wrote it meanwhile.
-    agree_on_settings(output, files, settings, methods, write=False)
+    agree_on_settings(output, settings, methods, write=False)
     done, untidy = finished_records(path)
     keys = {(p.id, m) for p in problems if p.index % shards == shard for m in methods}
     todo = [(p, m) for p in problems if p.index % shards == shard for m in methods if (p.id, m) not in done]
+    models = None
     if todo:
         models = load_models(args.model, args.reward_model if set(methods) & set(NEEDS_REWARD_MODEL) else None,
                              device, dtype)
@@ -639,12 +668,11 @@ def evaluate(args) -> int:
                 models.reasoner(dataclasses.replace(config, max_rollouts=args.n))
             except ValueError as e:
                 raise InputError(f"∇-Reasoner cannot use these models: {first_line(e)}") from None
-    agree_on_settings(output, files, settings, methods, write=True)
+    agree_on_settings(output, settings, methods, write=True)
     if untidy:
         tidy_for_resume(path, done)
     label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
-    run_all(todo, [r for k, r in done.items() if k in keys], methods, models if todo else None, args, config,
-            settings, path, label)
+    run_all(todo, [r for k, r in done.items() if k in keys], methods, models, args, config, settings, path, label)
 
     run_config = {"data": str(data), "limit": args.limit, "methods": methods, "shard": f"{shard}/{shards}",
                   "settings": {m: settings[m] for m in methods}}

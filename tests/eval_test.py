@@ -397,6 +397,10 @@ BAD_INPUTS = {
     "unknown device": (lambda d: ["--device", "tpu9"], "not a device"),
     "merge without shard files": (lambda d: ["--merge", str(d)], "no math500.rank*.jsonl files"),
     "garbage output file": (lambda d: ["--output", _write(d / "out.jsonl", "hello\n{}\n")], "out.jsonl line 1: not a result record"),
+    "record of an unknown method": (lambda d: ["--output", _write(d / "out.jsonl", '{"id": "1", "method": "beam"}\n')],
+                                    "out.jsonl line 1: not a result record"),
+    "record whose settings are not a mapping": (lambda d: ["--output", _write(d / "out.jsonl", '{"id": "1", "method": '
+                                                '"greedy", "settings": [1]}\n')], "out.jsonl line 1: not a result record"),
     "output under a regular file": (lambda d: ["--output", _write(d / "afile", "x") + "/o.jsonl"], "cannot create the folder"),
     "output under an uncreatable path": (lambda d: ["--output", "/proc/no-such-dir/o.jsonl"], "cannot create the folder"),
     "output names a folder": (lambda d: ["--output", str(d)], "is a folder"),
@@ -688,6 +692,13 @@ def test_a_shard_that_loses_the_race_to_write_the_manifest_compares_with_the_win
     assert run(model_dirs, out, "--shard", "0/2") == 2
     assert "max_new_tokens: 9 in the file, 4 now" in capsys.readouterr().err
     assert path.read_text() == winner and not (tmp_path / "math500.rank0.jsonl").exists()
+    assert not list(tmp_path.rglob(".*.tmp"))  # the loser's temporary file is gone too
+
+
+def test_a_manifest_that_is_a_broken_link_is_a_one_line_error_not_an_endless_loop(model_dirs, tmp_path, capsys):
+    (tmp_path / "math500.jsonl.manifest.json").symlink_to(tmp_path / "nowhere.json")
+    assert run(model_dirs, tmp_path / "math500.jsonl") == 2
+    assert "math500.jsonl.manifest.json: exists but cannot be read" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_a_manifest_that_is_not_valid_json_is_a_one_line_error_naming_it(model_dirs, tmp_path, capsys):
@@ -695,7 +706,7 @@ def test_a_manifest_that_is_not_valid_json_is_a_one_line_error_naming_it(model_d
     for shard in ("0/2", "1/2"):
         assert run(model_dirs, out, "--shard", shard) == 0
     capsys.readouterr()
-    for broken in ('{"settings": {"greedy": ', '["a list"]', '{"settings": {"greedy": 3}}'):
+    for broken in ('{"settings": {"greedy": ', '["a list"]', '{"settings": {"greedy": 3}}', '{"settings": {}}'):
         (tmp_path / "math500.jsonl.manifest.json").write_text(broken)
         before = snapshot(tmp_path)
         for args in (["--shard", "0/2"], ["--merge", str(tmp_path)]):  # a run, and a merge
@@ -714,13 +725,24 @@ def test_an_output_from_before_manifests_still_resumes_and_merges(model_dirs, tm
     manifest.unlink()  # as a run made before manifests existed left it: only the records carry the settings
     before = snapshot(tmp_path)
     assert run(model_dirs, out, "--shard", "0/2", limit=4, tokens=5) == 2  # the records refuse other settings
-    assert f"{out} holds results of another run (max_new_tokens: 4 in the file, 5 now)" in capsys.readouterr().err
+    assert f"{out} was written by a run with other settings (max_new_tokens: 4 in the file, 5 now)" in \
+           capsys.readouterr().err
     assert snapshot(tmp_path) == before
     assert em.main(["--merge", str(tmp_path)]) == 0  # merging goes by the records too
     assert len(read_jsonl(out)) == 4 and not manifest.exists()
     monkeypatch.setattr(em, "solve", lambda *a, **k: pytest.fail("nothing is left to solve"))
     assert run(model_dirs, out, "--shard", "1/2", limit=4) == 0  # resumes, and writes the manifest from the records
     assert manifest.read_text() == written
+
+
+def test_an_old_output_with_unmerged_shards_refuses_a_run_of_another_shard_count(model_dirs, tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out, "--shard", "0/2", limit=4) == 0
+    (tmp_path / "math500.jsonl.manifest.json").unlink()  # from before manifests; shard 1 has not run
+    assert run(model_dirs, out, limit=4, tokens=7) == 2  # unsharded now: the shard's records still count
+    assert "math500.rank0.jsonl was written by a run with other settings (max_new_tokens: 4 in the file, 7 now)" \
+           in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "math500.jsonl.manifest.json").exists()
 
 
 def test_a_model_that_fails_to_load_leaves_no_manifest(model_dirs, tmp_path, capsys):
