@@ -117,10 +117,14 @@ def eos_token_ids(lm) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def _check_inputs(tokenizer, who: str, prompt: str = "any prompt") -> None:
+def _require_chat_template(tokenizer, who: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the {who} tokenizer has no chat template; ∇-Reasoner puts the prompt in the user turn of "
                          f"the chat template, so set tokenizer.chat_template first")
+
+
+def _check_inputs(tokenizer, who: str, prompt: str) -> None:
+    _require_chat_template(tokenizer, who)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt must be a non-empty string")
 
@@ -414,7 +418,7 @@ class NablaReasoner:
             raise ValueError(f"space must be 'logits' or 'latents', not {cfg.space!r}")
         if (rm is None) != (rm_tokenizer is None):
             raise ValueError("give both the reward model and its tokenizer, or neither")
-        _check_inputs(lm_tokenizer, "policy")
+        _require_chat_template(lm_tokenizer, "policy")
         vocab_rows = lm.get_input_embeddings().weight.shape[0]
         if lm.get_output_embeddings().weight.shape[0] != vocab_rows:
             raise ValueError("the LM's input and output vocabularies differ in size")
@@ -423,7 +427,7 @@ class NablaReasoner:
         self.eos = set(eos_token_ids(lm))
         self.vocab_map = self._rm_id = None
         if rm is not None:
-            _check_inputs(rm_tokenizer, "reward model")
+            _require_chat_template(rm_tokenizer, "reward model")
             if rm.config.num_labels != 1:
                 raise ValueError(f"the reward model must have one output (num_labels=1), not {rm.config.num_labels}")
             rm.requires_grad_(False)
@@ -445,9 +449,8 @@ class NablaReasoner:
     def generate(self, prompt: str, seed: int = 0) -> NablaOutput:
         """Answer one prompt. The same seed on the same device gives the same output."""
         _check_inputs(self.lm_tokenizer, "policy", prompt)
-        devices = [self.lm.device] if self.lm.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # seed locally, leave the caller's random state alone
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[self.lm.device] if self.lm.device.type == "cuda" else []):
+            torch.manual_seed(seed)  # seeded locally: the caller's random state stays as it was
             return self._decode(prompt)
 
     def _decode(self, prompt: str) -> NablaOutput:
