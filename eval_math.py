@@ -377,18 +377,25 @@ def load_models(model: str, reward_model: str | None, device: torch.device, dtyp
     """Policy and (if asked for) reward model with their tokenizers, which must have chat templates."""
     tqdm.write(f"loading {model}" + (f" and {reward_model}" if reward_model else "") + f" on {device} ({dtype})",
                file=sys.stderr)
-    loaded = []
-    for name, loader in ((model, AutoModelForCausalLM), (reward_model, AutoModelForSequenceClassification)):
-        if name:
-            tokenizer = _load(AutoTokenizer, name)
-            try:
-                chat_prompt_ids(tokenizer, "1 + 1")
-            except ValueError as e:
-                raise InputError(f"model {name!r}: {first_line(e)}") from None
-            loaded += [_load_model(loader, name, device, dtype), tokenizer]
-    if reward_model and loaded[2].config.num_labels != 1:
-        raise InputError(f"reward model {reward_model!r} has {loaded[2].config.num_labels} outputs; it needs one score")
-    return Models(*loaded)
+    lm_tokenizer = _load_tokenizer(model)
+    lm = _load_model(AutoModelForCausalLM, model, device, dtype)
+    rm = rm_tokenizer = None
+    if reward_model:
+        rm_tokenizer = _load_tokenizer(reward_model)
+        rm = _load_model(AutoModelForSequenceClassification, reward_model, device, dtype)
+        if rm.config.num_labels != 1:
+            raise InputError(f"reward model {reward_model!r} has {rm.config.num_labels} outputs; it needs one score")
+    return Models(lm, lm_tokenizer, rm, rm_tokenizer)
+
+
+def _load_tokenizer(name: str):
+    """The model's tokenizer, which must have a chat template: the prompt goes in its user turn."""
+    tokenizer = _load(AutoTokenizer, name)
+    try:
+        chat_prompt_ids(tokenizer, "1 + 1")
+    except ValueError as e:
+        raise InputError(f"model {name!r}: {first_line(e)}") from None
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,12 +684,13 @@ def evaluate(args) -> int:
     run_config = {"data": str(data), "limit": args.limit, "methods": methods, "shard": f"{shard}/{shards}",
                   "settings": {m: settings[m] for m in methods}}
     write_summary(path, [r for k, r in best_records(read_records(path)[0]).items() if k in keys], run_config)
-    everything = {(p.id, m) for p in problems for m in methods}
-    if shards > 1 and everything <= {k for rank in ranks for k in best_records(read_records(rank)[0])}:
-        merge(output, ranks, run_config, everything)  # the shard that finishes last writes the combined results
-    elif shards > 1:
-        tqdm.write(f"not every shard has finished; the last to finish (or --merge {output.parent}) writes {output}",
-                   file=sys.stderr)
+    if shards > 1:  # the shard that finishes last writes the combined results
+        everything = {(p.id, m) for p in problems for m in methods}
+        if everything <= {k for rank in ranks for k in best_records(read_records(rank)[0])}:
+            merge(output, ranks, run_config, everything)
+        else:
+            tqdm.write(f"not every shard has finished; the last to finish (or --merge {output.parent}) writes "
+                       f"{output}", file=sys.stderr)
     return 0
 
 
