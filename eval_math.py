@@ -33,7 +33,7 @@ from math_verify import parse, verify
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from nabla import NablaConfig, NablaReasoner, chat_prompt_ids, eos_token_ids, reward_head, reward_ids
+from nabla import NablaConfig, NablaReasoner, chat_prompt_ids, draft_sampling, eos_token_ids, reward_head, reward_ids
 
 METHODS = ("greedy", "sc", "bon", "nabla")
 NEEDS_REWARD_MODEL = ("bon", "nabla")
@@ -63,10 +63,17 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
+def read_text(path: Path) -> str | None:
+    """A file's text, None if there is no such file, a one-line error if it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {first_line(e)}") from None
 
 
+# Data ----------------------------------------------------------------------------------------------------
 @dataclass
 class Problem:
     index: int    # position in the data file: seeds and shards depend on it, not on the run's options
@@ -77,12 +84,8 @@ class Problem:
 
 def load_problems(path: Path) -> list[Problem]:
     """Read MATH-500 JSON Lines (`problem`, `answer`, `unique_id`) or a JSON array of `{prompt, answer, id}`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read data file {path}: {first_line(e)}") from None
+    if (text := read_text(path)) is None:
+        raise InputError(f"data file not found: {path}")
     array = text.lstrip().startswith("[")
     chunks = [(1, text)] if array else [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows, problems = [], {}
@@ -124,10 +127,8 @@ def math500_from_hub() -> Path:
                          f"download it once while online or pass a local file with --data PATH") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Grading with math-verify. It times itself out with signals, so every call stays in the main thread.
-
-
+# Grading with math-verify --------------------------------------------------------------------------------
+# math-verify times itself out with signals, so every call stays in the main thread.
 def _answer_string(parsed: list) -> str | None:
     """The answer as written in the text (math-verify gives the parsed value, then the matched string)."""
     return next((item for item in parsed if isinstance(item, str)), str(parsed[0]) if parsed else None)
@@ -188,10 +189,7 @@ def vote(texts: list[str]) -> tuple[int, list[list[int]]]:
     return _vote([parse(t) for t in texts])
 
 
-# ----------------------------------------------------------------------------------------------
-# Methods
-
-
+# Methods -------------------------------------------------------------------------------------------------
 @dataclass
 class Models:
     lm: object                   # causal LM (the policy)
@@ -216,29 +214,18 @@ class Sample:
     scored_text: str    # the response with any special tokens it wrote: what the reward model reads, as in nabla
 
 
-def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig,
-           greedy: bool = False) -> list[list[Sample]]:
+def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig) -> list[list[Sample]]:
     """N responses to each prompt from one `generate` call (num_return_sequences=N), seeded locally.
 
     Several prompts are left-padded into one batch; greedy answers are the same as one at a time.
     """
     lm, tokenizer, eos = models.lm, models.lm_tokenizer, eos_token_ids(models.lm)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
-    if greedy or config.rollout_temperature <= 0:
-        # The global defaults, which greedy decoding ignores: left unset, the model's own sampling
-        # defaults would be filled in and trigger "flag ignored" warnings.
-        sampling = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
-    else:
-        # Every knob explicit: unset fields are filled from the model's generation_config (e.g. Qwen's
-        # repetition_penalty=1.05), which would silently change the sampling.
-        sampling = dict(do_sample=True, temperature=config.rollout_temperature, top_p=config.rollout_top_p,
-                        top_k=config.rollout_top_k)
-    generation = GenerationConfig(**sampling, repetition_penalty=1.0, num_return_sequences=n,
-                                  max_new_tokens=config.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
+    sampling = draft_sampling(lm, tokenizer, config)  # rollout_temperature=0: greedy
+    generation = GenerationConfig(**sampling, num_return_sequences=n, max_new_tokens=config.max_new_tokens,
                                   cache_implementation="static" if config.fast_rollout else None)
     rows = [chat_prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=lm.device)
+    ids = torch.tensor([[sampling["pad_token_id"]] * (width - len(r)) + r for r in rows], device=lm.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
     with torch.no_grad(), torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
         torch.manual_seed(seed)  # seeded locally: the caller's random state stays as it was
@@ -300,7 +287,8 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
                 "model_calls", "forward_token_equivalents", "generated_tokens", "wall_time_s")}})
         return results
     start = time.perf_counter()
-    batches = sample(models, prompts, 1 if method == "greedy" else n, seed, config, greedy=method == "greedy")
+    greedy = dataclasses.replace(config, rollout_temperature=0)
+    batches = sample(models, prompts, 1, seed, greedy) if method == "greedy" else sample(models, prompts, n, seed, config)
     if method == "bon":
         rewards, rm_tokens = score_batch(models, [(p, s.scored_text) for p, ss in zip(prompts, batches) for s in ss])
     results = []
@@ -329,10 +317,7 @@ def problem_seed(base_seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{base_seed}:{index}".encode()).digest()[:4], "little")
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading models
-
-
+# Loading models ------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     if name == "auto":  # torchrun and accelerate launch start a process per GPU and say which in LOCAL_RANK
         name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -398,10 +383,7 @@ def _load_tokenizer(name: str):
     return tokenizer
 
 
-# ----------------------------------------------------------------------------------------------
-# Records: one JSON line per problem and method, one file per shard, and the settings manifest
-
-
+# Records: one JSON line per problem and method, one file per shard, and the settings manifest ------------
 def shard_path(output: Path, shard: int, shards: int) -> Path:
     """results/math500.jsonl, or results/math500.rank3.jsonl for shard 3 of several."""
     return output if shards == 1 else output.with_name(f"{output.stem}.rank{shard}{output.suffix}")
@@ -422,7 +404,7 @@ def beside(output: Path, what: str) -> Path:
 def read_records(path: Path) -> tuple[list[dict], bool]:
     """The records of an output file, and whether it ends cleanly. A kill while a record was being written
     leaves a cut-off last line: that record is dropped (and done again); any other bad line is an error."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = read_text(path) or ""
     lines, clean, records = text.split("\n"), text == "" or text.endswith("\n"), []
     for lineno, line in enumerate(lines, 1):
         try:
@@ -513,12 +495,8 @@ def conflict(found: dict, expected: dict) -> tuple | None:
 
 def read_manifest(path: Path) -> dict | None:
     """Every method's settings, as the manifest holds them; None if there is no manifest."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if (text := read_text(path)) is None:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {first_line(e)}") from None
     try:
         settings = json.loads(text)["settings"]
         if not all(isinstance(settings.get(m), dict) for m in METHODS):
@@ -529,29 +507,36 @@ def read_manifest(path: Path) -> dict | None:
                          f"written again from the results' own records") from None
 
 
-def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> None:
-    """Refuse, changing nothing, unless this run's settings are those of the manifest beside `output`.
+def reference_settings(output: Path, files: list[Path]) -> dict[str, tuple[dict, Path]]:
+    """Each method's settings on record and the file that holds them: the manifest beside `output`, or for an
+    output from before manifests, the method's first record in `files`."""
+    manifest = beside(output, "manifest")
+    if (settings := read_manifest(manifest)) is not None:
+        return {method: (found, manifest) for method, found in settings.items()}
+    reference: dict[str, tuple[dict, Path]] = {}
+    for path in files:
+        for record in read_records(path)[0]:
+            reference.setdefault(record["method"], (record.get("settings") or {}, path))
+    return reference
 
-    The first run (or shard) on an output writes every method's settings there, so that a method added later
-    is checked too. An output from before manifests has none: the settings its records (and its shards'
-    records) carry are checked instead, and fill in the manifest. Of shards started at once exactly one
-    creates it (exclusively); the others compare with it.
+
+def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> None:
+    """Refuse, changing nothing, unless this run's settings are those on record for `output`.
+
+    The first run (or shard) on an output writes every method's settings to the manifest, so that a method
+    added later is checked too; an output from before manifests keeps its records' settings there. Of shards
+    started at once exactly one creates it (exclusively); the others compare with it.
     """
     path = beside(output, "manifest")
     for attempt in range(2):  # a second look when another shard wrote the manifest while this one looked
-        recorded = read_manifest(path)
-        claims = ([(path, m, s) for m, s in recorded.items()] if recorded is not None else
-                  [(f, r["method"], r.get("settings") or {}) for f in [output, *rank_files(output)]
-                   for r in read_records(f)[0]])
-        for where, method, found in claims:
-            if method in methods and (c := conflict(found, settings[method])):
-                raise InputError(f"{where} was written by a run with other settings ({c[0]}: {c[1]!r} in the file, "
-                                 f"{c[2]!r} now); pick another --output or use the same options")
-        if recorded is not None or not write:
+        reference = reference_settings(output, [output, *rank_files(output)])
+        for method in [m for m in methods if m in reference]:
+            if c := conflict(reference[method][0], settings[method]):
+                raise InputError(f"{reference[method][1]} was written by a run with other settings ({c[0]}: "
+                                 f"{c[1]!r} in the file, {c[2]!r} now); pick another --output or use the same options")
+        if not write or any(where == path for _, where in reference.values()):
             return
-        manifest = dict(settings)
-        for method in {m for _, m, _ in claims}:  # an old output's methods keep the settings of their first record
-            manifest[method] = next(found for _, m, found in claims if m == method)
+        manifest = {**settings, **{method: found for method, (found, _) in reference.items()}}
         try:
             return write_atomically(path, json.dumps({"settings": manifest}, indent=1) + "\n", exclusive=True)
         except FileExistsError:  # another shard got there first: compare with its manifest instead
@@ -559,10 +544,7 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
     raise InputError(f"{path}: exists but cannot be read (a broken link?); remove it")
 
 
-# ----------------------------------------------------------------------------------------------
-# Summary and merging
-
-
+# Summary and merging -------------------------------------------------------------------------------------
 def write_summary(output: Path, records: list[dict], config: dict) -> dict:
     """Accuracy, means per problem and peak memory per method, to <output>.summary.json and as a table."""
     mean = lambda values: round(sum(values) / len(values), 3) if values else None  # noqa: E731
@@ -602,14 +584,12 @@ def merge(output: Path, ranks: list[Path], config: dict | None = None, keys: set
     """Combine the shards' files (and what `output` holds) into `output` and its summary, if every record has
     the manifest's settings (or, without a manifest, those of the first record of its method); otherwise
     change nothing. With `keys`, the summary covers those (id, method) results only."""
-    manifest = beside(output, "manifest")
-    reference = {m: (s, manifest) for m, s in (read_manifest(manifest) or {}).items()}
+    reference = reference_settings(output, [output, *ranks])
     sources = [(p, read_records(p)[0]) for p in [output, *ranks]]
     for path, records in sources:
         for record in records:
-            found = record.get("settings") or {}
-            expected, where = reference.setdefault(record["method"], (found, path))
-            if c := conflict(found, expected):
+            expected, where = reference[record["method"]]
+            if c := conflict(record.get("settings") or {}, expected):
                 raise InputError(f"{path} holds {record['method']} results of another run than {where} ({c[0]}: "
                                  f"{c[1]!r} vs {c[2]!r}); nothing was merged")
     combined = best_records([r for _, records in sources for r in records]).values()
@@ -621,21 +601,7 @@ def merge(output: Path, ranks: list[Path], config: dict | None = None, keys: set
     return write_summary(output, [r for r in combined if keys is None or (r["id"], r["method"]) in keys], config)
 
 
-def merge_dir(directory: Path, output_name: str) -> int:
-    """`--merge DIR`: DIR/<stem>.rank*.jsonl into DIR/<stem>.jsonl and its summary."""
-    if not directory.is_dir():
-        raise InputError(f"--merge {directory}: no such folder")
-    output = directory / output_name
-    if not (ranks := rank_files(output)):
-        raise InputError(f"--merge {directory}: no {output.stem}.rank*{output.suffix} files there")
-    merge(output, ranks)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-
-
+# The run -------------------------------------------------------------------------------------------------
 def evaluate(args) -> int:
     methods = parse_methods(args.method)
     shard, shards = resolve_shard(args.shard, os.environ)
@@ -770,10 +736,7 @@ def run_all(todo, done: list[dict], methods, models, args, config, settings, pat
                 bar.update(1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
+# Command line --------------------------------------------------------------------------------------------
 def parse_methods(text: str) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in text.split(",")))  # in order, without repeats
     if unknown := [m for m in methods if m not in METHODS]:
@@ -832,7 +795,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return merge_dir(Path(args.merge), Path(args.output).name) if args.merge else evaluate(args)
+        if not args.merge:
+            return evaluate(args)
+        directory = Path(args.merge)  # --merge DIR: DIR/<stem>.rank*.jsonl into DIR/<stem>.jsonl and its summary
+        if not directory.is_dir():
+            raise InputError(f"--merge {directory}: no such folder")
+        if not (ranks := rank_files(output := directory / Path(args.output).name)):
+            raise InputError(f"--merge {directory}: no {output.stem}.rank*{output.suffix} files there")
+        merge(output, ranks)
+        return 0
     except InputError as e:
         print(f"eval_math.py: error: {e}", file=sys.stderr)
         return 2

@@ -74,10 +74,7 @@ class NablaConfig:
     fast_rollout: bool = False              # rollouts on a static KV cache, which `generate` compiles on a GPU
 
 
-# ----------------------------------------------------------------------------------------------
-# Differentiable Textual Optimization: the straight-through one-hot
-
-
+# Differentiable Textual Optimization: the straight-through one-hot ---------------------------------------
 def straight_through_onehot(z: torch.Tensor) -> torch.Tensor:
     """One-hot of argmax(z) in the forward pass; the gradient of softmax(z) in the backward pass.
 
@@ -90,10 +87,7 @@ def straight_through_onehot(z: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())
 
 
-# ----------------------------------------------------------------------------------------------
-# Models, tokenizers and chat templates
-
-
+# Models, tokenizers and chat templates -------------------------------------------------------------------
 def align_vocab(lm_tokenizer, rm_tokenizer, lm_vocab_rows: int, min_overlap: float = 0.9) -> torch.Tensor:
     """For each LM token id, the reward model's id of the same token string (-1 where it has none).
 
@@ -115,6 +109,17 @@ def eos_token_ids(lm) -> list[int]:
     eos = lm.generation_config.eos_token_id
     eos = lm.config.eos_token_id if eos is None else eos
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def draft_sampling(lm, tokenizer, cfg: NablaConfig) -> dict:
+    """`generate`'s settings for a draft. Every knob is explicit: an unset one is filled in from the model's
+    generation config (e.g. Qwen's repetition_penalty=1.05) and would silently change the sampling. Greedy
+    drafts get the global defaults, which greedy decoding ignores, so that the model's do not warn."""
+    eos, greedy = eos_token_ids(lm), cfg.rollout_temperature <= 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    return dict(do_sample=not greedy, temperature=1.0 if greedy else cfg.rollout_temperature,
+                top_p=1.0 if greedy else cfg.rollout_top_p, top_k=50 if greedy else cfg.rollout_top_k,
+                repetition_penalty=1.0, eos_token_id=eos or None, pad_token_id=pad)
 
 
 def _require_chat_template(tokenizer, who: str) -> None:
@@ -194,10 +199,7 @@ def score(rm, rm_tokenizer, prompt: str, response: str) -> float:
     return score_ids(rm, reward_ids(rm_tokenizer, prompt, response))
 
 
-# ----------------------------------------------------------------------------------------------
-# The DTO loss on the ahead span, with the prefix held in KV caches
-
-
+# The DTO loss on the ahead span, with the prefix held in KV caches ---------------------------------------
 def _cache(kv: KV) -> DynamicCache:
     """A fresh cache over stored tensors: a forward pass appends to it, the stored prefix stays as it is."""
     return DynamicCache(kv) if kv else DynamicCache()
@@ -300,10 +302,7 @@ def onehot_grads(step: AheadGrads, positions: torch.Tensor, lm, rm, vocab_map: t
     return grad
 
 
-# ----------------------------------------------------------------------------------------------
-# Token selection, DTO, redraw and acceptance
-
-
+# Token selection, DTO, redraw and acceptance -------------------------------------------------------------
 def token_entropy(logp: torch.Tensor) -> torch.Tensor:
     """Entropy in nats from log-probabilities; a zero probability contributes 0, not NaN (0 · -inf)."""
     return torch.special.entr(logp.exp()).sum(-1)
@@ -388,10 +387,7 @@ def accept(reward_proposed: float, reward_current: float) -> bool:
     return reward_proposed > reward_current
 
 
-# ----------------------------------------------------------------------------------------------
-# The decoding loop
-
-
+# The decoding loop ---------------------------------------------------------------------------------------
 @dataclass
 class NablaOutput:
     text: str             # the response only: no prompt, no end-of-sequence token
@@ -435,13 +431,7 @@ class NablaReasoner:
             vocab_map = align_vocab(lm_tokenizer, rm_tokenizer, vocab_rows)
             vocab_map[vocab_map >= rm.get_input_embeddings().weight.shape[0]] = -1
             self.vocab_map, self._rm_id = vocab_map.to(lm.device), vocab_map.tolist()
-        pad = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
-        # Every knob explicit, so the model's own defaults (e.g. Qwen's repetition penalty) stay out.
-        self.sampling = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=sorted(self.eos) or None,
-                             pad_token_id=pad)
-        if cfg.rollout_temperature > 0:
-            self.sampling.update(do_sample=True, temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
-                                 top_k=cfg.rollout_top_k)
+        self.sampling = draft_sampling(lm, lm_tokenizer, cfg)
         self._w_out = None  # fp32 copy of the output head, made once, for optimization in latent space
         self._static = None  # the static KV cache of fast rollouts, allocated once and refilled per rollout
         self._warned = False
