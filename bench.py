@@ -24,7 +24,7 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForSequenceClassification
 
 import nabla
-from tiny import PRINTABLE, make_tokenizer
+from tiny import make_tokenizer, vocab_chars
 
 
 def qwen(hidden, ffn, layers, heads, kv_heads, vocab, **extra) -> dict:
@@ -50,14 +50,6 @@ STEP_LABELS = dict(authors="authors': full recompute, full-vocab logits, [A x V]
                    ours="ours: nabla.ahead_loss_and_grads + onehot_grads")
 Lengths = namedtuple("Lengths", "prompt committed ahead")  # tokens; the ahead span is DTO's draft
 StepInputs = namedtuple("StepInputs", "prefix ahead vocab_map")
-
-
-def vocab_chars(n: int) -> list[str]:
-    """n distinct characters (ASCII, CJK, Hangul, private use): an exact one-token-per-character tokenizer."""
-    chars = list(PRINTABLE)
-    for lo, hi in [(0x4E00, 0xA000), (0xAC00, 0xD7A4), (0xE000, 0xF900), (0xF0000, 0xFFFFE), (0x100000, 0x10FFFE)]:
-        chars.extend(chr(c) for c in range(lo, min(hi, lo + n - len(chars))))
-    return chars[:n]
 
 
 def build_models(shape: dict, device: str, dtype: torch.dtype, seed: int, layers: int | None = None):

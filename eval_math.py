@@ -13,10 +13,12 @@ summary and merging of shards, the run, the command line. Bad input ends the run
 exit status 2. A problem that fails while running (e.g. CUDA out of memory) is recorded with its error;
 re-running the same command retries it and skips what is done. The first run (or shard) on an output writes
 its settings to a manifest beside it; any later run or shard of other settings is refused at once, leaving
-every file as it found it.
+every file as it found it, and so is a run on a results file that another run is still writing.
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -287,8 +289,9 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
                 "model_calls", "forward_token_equivalents", "generated_tokens", "wall_time_s")}})
         return results
     start = time.perf_counter()
-    greedy = dataclasses.replace(config, rollout_temperature=0)
-    batches = sample(models, prompts, 1, seed, greedy) if method == "greedy" else sample(models, prompts, n, seed, config)
+    if method == "greedy":
+        config, n = dataclasses.replace(config, rollout_temperature=0), 1
+    batches = sample(models, prompts, n, seed, config)
     if method == "bon":
         rewards, rm_tokens = score_batch(models, [(p, s.scored_text) for p, ss in zip(prompts, batches) for s in ss])
     results = []
@@ -462,6 +465,19 @@ def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold `path` for this run, or refuse if another run holds it: two runs appending to one file would do the
+    work twice, and one's tidying could drop the other's results. The lock file stays: removing it would let a
+    run that opened it just before lock a file that the next run cannot see."""
+    with path.with_name(f".{path.name}.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, even on a kill
+        except BlockingIOError:
+            raise InputError(f"{path}: another run is writing it now; wait for it or pick another --output") from None
+        yield
+
+
 def tidy_for_resume(path: Path, finished: dict) -> None:
     """Keep only the finished results, so that appending keeps the file clean."""
     write_atomically(path, "".join(_to_json(r) + "\n" for r in finished.values()))
@@ -629,23 +645,24 @@ def evaluate(args) -> int:
     # Refuse before anything is loaded or changed. The manifest is written once the models have loaded, so
     # that a typo in --model leaves none behind; agreeing again compares with a shard that wrote it meanwhile.
     agree_on_settings(output, settings, methods, write=False)
-    done, untidy = finished_records(path)
-    keys = {(p.id, m) for p in problems if p.index % shards == shard for m in methods}
-    todo = [(p, m) for p in problems if p.index % shards == shard for m in methods if (p.id, m) not in done]
-    models = None
-    if todo:
-        models = load_models(args.model, args.reward_model if set(methods) & set(NEEDS_REWARD_MODEL) else None,
-                             device, dtype)
-        if "nabla" in methods:  # fail now, not on every problem, if ∇-Reasoner cannot use these models
-            try:
-                models.reasoner(dataclasses.replace(config, max_rollouts=args.n))
-            except ValueError as e:
-                raise InputError(f"∇-Reasoner cannot use these models: {first_line(e)}") from None
-    agree_on_settings(output, settings, methods, write=True)
-    if untidy:
-        tidy_for_resume(path, done)
-    label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
-    run_all(todo, [r for k, r in done.items() if k in keys], methods, models, args, config, settings, path, label)
+    with exclusive_lock(path):
+        done, untidy = finished_records(path)
+        keys = {(p.id, m) for p in problems if p.index % shards == shard for m in methods}
+        todo = [(p, m) for p in problems if p.index % shards == shard for m in methods if (p.id, m) not in done]
+        models = None
+        if todo:
+            models = load_models(args.model, args.reward_model if set(methods) & set(NEEDS_REWARD_MODEL) else None,
+                                 device, dtype)
+            if "nabla" in methods:  # fail now, not on every problem, if ∇-Reasoner cannot use these models
+                try:
+                    models.reasoner(dataclasses.replace(config, max_rollouts=args.n))
+                except ValueError as e:
+                    raise InputError(f"∇-Reasoner cannot use these models: {first_line(e)}") from None
+        agree_on_settings(output, settings, methods, write=True)
+        if untidy:
+            tidy_for_resume(path, done)
+        label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
+        run_all(todo, [r for k, r in done.items() if k in keys], methods, models, args, config, settings, path, label)
 
     run_config = {"data": str(data), "limit": args.limit, "methods": methods, "shard": f"{shard}/{shards}",
                   "settings": {m: settings[m] for m in methods}}

@@ -2,6 +2,7 @@
 
     char_tokenizer   one token per character (and per listed word), with a Qwen-style chat template
     make_tokenizer   the printable ASCII characters; `shuffle_seed` renumbers them, `chars` drops some
+    vocab_chars      n distinct characters, for a tokenizer of a given vocabulary size (bench.py)
     make_lm, make_rm a 2-layer Qwen2ForCausalLM policy and Qwen2ForSequenceClassification reward model
 
 The tests (conftest.py), bench.py and toy_arith.py all build their models here.
@@ -45,6 +46,14 @@ def make_tokenizer(chars=PRINTABLE, shuffle_seed: int | None = None,
                    chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """One token per printable character."""
     return char_tokenizer(chars, shuffle_seed=shuffle_seed, chat_template=chat_template)
+
+
+def vocab_chars(n: int) -> list[str]:
+    """n distinct characters (ASCII, CJK, Hangul, private use): an exact one-token-per-character tokenizer."""
+    chars = list(PRINTABLE)
+    for lo, hi in [(0x4E00, 0xA000), (0xAC00, 0xD7A4), (0xE000, 0xF900), (0xF0000, 0xFFFFE), (0x100000, 0x10FFFE)]:
+        chars.extend(chr(c) for c in range(lo, min(hi, lo + n - len(chars))))
+    return chars[:n]
 
 
 def tiny_config(tok, hidden: int, layers: int, **extra) -> Qwen2Config:

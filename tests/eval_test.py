@@ -290,6 +290,19 @@ def test_resume_repairs_what_a_kill_left_at_the_end_of_the_file(tmp_path):
     assert em.finished_records(path)[1] is False
 
 
+def test_a_second_run_on_a_file_another_run_is_writing_is_refused(model_dirs, tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out, limit=2) == 0
+    with em.exclusive_lock(out):  # as a run of the same command, still going, holds it
+        before = snapshot(tmp_path)
+        assert run(model_dirs, out, limit=3) == 2
+        assert f"{out}: another run is writing it now" in capsys.readouterr().err
+        assert snapshot(tmp_path) == before
+        assert run(model_dirs, out, "--shard", "1/2", limit=3) == 0  # a shard writes a file of its own
+    assert run(model_dirs, out, limit=3) == 0  # released: the run goes on
+    assert len(read_jsonl(out)) == 3
+
+
 def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(model_dirs, tmp_path, monkeypatch):
     out, real_solve = tmp_path / "out.jsonl", em.solve
     second = em.load_problems(PROBLEMS)[1].problem
