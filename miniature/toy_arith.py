@@ -94,7 +94,8 @@ def draft_sites(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: in
         tokens["norm"] += norms.tolist()
 
         def site(kind: str, s: int, right: int) -> Site:  # same tokenizer: the RM's ids are the LM's
-            return Site(kind, step.logp[s], right, draft[s], Prefix(prompt_ids + draft[:s], rm_before + draft[:s], rm_after),
+            return Site(kind, step.logp[s], right, draft[s],
+                        Prefix(prompt_ids + draft[:s], rm_before + draft[:s], rm_after),
                         draft[s + 1:], draft, s, p.prompt)
         gold = ids_of(tok, p.chain) + [tok.eos_token_id]
         unsure = (top <= cfg.confidence_threshold).nonzero().flatten().tolist()
@@ -190,7 +191,8 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
         # The reward itself, not its linearisation: the right token swapped in, the rest of the draft kept.
         swapped = s.draft[:s.position] + [s.right] + s.draft[s.position + 1:]
         rows.append(dict(before=float(p0[s.right]), dto=float(p_dto[s.right]), likelihood_only=float(p_lik[s.right]),
-                         sharpened=float(p_sharp[s.right]), kl=kl(p_dto, p0), argmax_right=int(s.logp.argmax()) == s.right,
+                         sharpened=float(p_sharp[s.right]), kl=kl(p_dto, p0),
+                         argmax_right=int(s.logp.argmax()) == s.right,
                          big=float(p_big[s.right]), big_sharpened=float(p_big_sharp[s.right]),
                          gradient_prefers_right=bool(grad[s.right] < grad[s.drafted]),
                          reachable=bool(s.logp.max().exp() <= cfg.confidence_threshold
@@ -203,20 +205,24 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
     n = len(tokens["top"])
     confident = tokens["top"] > cfg.confidence_threshold
     flat = tokens["norm"] < cfg.grad_norm_threshold
-    share = lambda mask: (float(mask.float().mean()), math.sqrt(float(mask.float().mean()) * (1 - float(mask.float().mean())) / n))
+    share = lambda mask: (float(mask.float().mean()),
+                          math.sqrt(float(mask.float().mean()) * (1 - float(mask.float().mean())) / n))
     col = lambda key: [r[key] for r in rows]
     return dict(
         drafts=len(problems), wrong_drafts=len(rows), tokens=n,
-        p_right=dict(before=mean_se(col("before")), dto=mean_se(col("dto")), likelihood_only=mean_se(col("likelihood_only")),
+        p_right=dict(before=mean_se(col("before")), dto=mean_se(col("dto")),
+                     likelihood_only=mean_se(col("likelihood_only")),
                      sharpened=mean_se(col("sharpened"))),
         dto_minus_sharpened=mean_se(a - b for a, b in zip(col("dto"), col("sharpened"))),
         dto_minus_likelihood_only=mean_se(a - b for a, b in zip(col("dto"), col("likelihood_only"))),
         big_lr=big_lr, p_right_big_lr=mean_se(col("big")), p_right_big_lr_sharpened=mean_se(col("big_sharpened")),
         big_lr_minus_sharpened=mean_se(a - b for a, b in zip(col("big"), col("big_sharpened"))),
-        gradient_prefers_right=mean_se(col("gradient_prefers_right")), reward_prefers_swap=mean_se(col("reward_prefers_swap")),
+        gradient_prefers_right=mean_se(col("gradient_prefers_right")),
+        reward_prefers_swap=mean_se(col("reward_prefers_swap")),
         mistake_reachable=mean_se(col("reachable")),
         where_argmax_wrong=dict(sites=sum(not r["argmax_right"] for r in rows),
-                                dto_minus_sharpened=mean_se(r["dto"] - r["sharpened"] for r in rows if not r["argmax_right"])),
+                                dto_minus_sharpened=mean_se(r["dto"] - r["sharpened"] for r in rows
+                                                            if not r["argmax_right"])),
         skipped_confident=share(confident), skipped_flat_gradient=share(flat),
         skipped_low_entropy=share(tokens["entropy"] < entropy_threshold), entropy_threshold=entropy_threshold,
         skipped_confident_or_flat=share(confident | flat),
@@ -232,10 +238,12 @@ def summary(label: str, method: str, n: int, rows: list[dict], seconds: float) -
     accuracy = mean_se(r["correct"] for r in rows)
     rejection = ratio_se([r["proposed"] - r["accepted"] for r in rows], [r["proposed"] for r in rows])
     result = dict(label=label, method=method, n=n, problems=len(rows), accuracy=accuracy,
-                  model_calls=statistics.mean(r["calls"] for r in rows), forward_tokens=statistics.mean(r["fte"] for r in rows),
+                  model_calls=statistics.mean(r["calls"] for r in rows),
+                  forward_tokens=statistics.mean(r["fte"] for r in rows),
                   revisions_proposed=statistics.mean(r["proposed"] for r in rows), rejection_rate=rejection,
                   correct=[int(r["correct"]) for r in rows], seconds=round(seconds, 1))
-    print(f"  {label:<40} N={n}  accuracy {accuracy[0]:6.1%} ± {accuracy[1]:.1%}  model calls {result['model_calls']:6.1f}"
+    print(f"  {label:<40} N={n}  accuracy {accuracy[0]:6.1%} ± {accuracy[1]:.1%}"
+          f"  model calls {result['model_calls']:6.1f}"
           f"  forward-token-equivalents {result['forward_tokens']:7.0f}  ({seconds:.0f}s)", flush=True)
     return result
 
@@ -285,7 +293,8 @@ def run_nabla(label: str, n: int, config: NablaConfig, problems: list[Problem], 
         st = r["stats"]
         rows.append(dict(correct=is_correct(r["response"], p.answer), calls=r["model_calls"],
                          fte=r["forward_token_equivalents"], proposed=st["revisions_proposed"],
-                         accepted=st["revisions_accepted"], cached=st["cached_steps"], optimized=st["optimized_tokens"]))
+                         accepted=st["revisions_accepted"], cached=st["cached_steps"],
+                         optimized=st["optimized_tokens"]))
     result = summary(label, "nabla", n, rows, time.perf_counter() - start)
     result["cached_share"] = ratio_se([r["cached"] for r in rows], [r["optimized"] * config.dto_iters for r in rows])
     return result
@@ -315,7 +324,8 @@ def tune(lm, rm, tok, problems: list[Problem], base: NablaConfig, n: int, seed: 
     return replace(base, lr=lr, grad_norm_threshold=threshold), dict(
         accuracy={f"lr {k[0]:g}, threshold {k[1]:g}": v for k, v in accuracy.items()}, problems=len(problems),
         median_threshold=median, uncertain_share=float(unsure.float().mean()),
-        share_uncertain_above_paper_threshold=float((tokens["norm"][unsure] >= base.grad_norm_threshold).float().mean()))
+        share_uncertain_above_paper_threshold=float(
+            (tokens["norm"][unsure] >= base.grad_norm_threshold).float().mean()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +360,8 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
     if "nabla_big_lr" in res:
         r2 = res["nabla_big_lr"]["rejection_rate"]
         row("... the same with DTO at lr 1 (not tuned), where DTO moves the logits",
-            f"rejection without DTO {r0[0]:.1%} -> with DTO at lr 1 {r2[0]:.1%}", r0[0] - r2[0], math.hypot(r0[1], r2[1]))
+            f"rejection without DTO {r0[0]:.1%} -> with DTO at lr 1 {r2[0]:.1%}",
+            r0[0] - r2[0], math.hypot(r0[1], r2[1]))
     p = d["p_right"]
     row("DTO moves p(right token) more than sharpening by the same KL",
         f"first wrong token of {d['wrong_drafts']} wrong test drafts: p(right) {p['before'][0]:.3f} -> DTO "
@@ -361,7 +372,8 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
     row("DTO moves p(right token) more than a likelihood-only DTO (λ = 0)",
         f"likelihood-only {p['likelihood_only'][0]:.3f}", *d["dto_minus_likelihood_only"], fmt="+.4f")
     row(f"... the same at lr {d['big_lr']:g} (not tuned), where DTO moves the logits",
-        f"p(right) -> DTO {d['p_right_big_lr'][0]:.3f}, sharpened by the same KL {d['p_right_big_lr_sharpened'][0]:.3f}",
+        f"p(right) -> DTO {d['p_right_big_lr'][0]:.3f}, "
+        f"sharpened by the same KL {d['p_right_big_lr_sharpened'][0]:.3f}",
         *d["big_lr_minus_sharpened"], fmt="+.4f")
     for key, what in (("mistake_reachable", "token selection can reach the first wrong token"),
                       ("gradient_prefers_right", "∂L/∂one-hot prefers the right token to the drafted"),
@@ -397,12 +409,14 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'method':<44}{'N':>3}{'accuracy':>16}{'model calls':>13}{'fwd-token-eq':>14}{'proposed':>10}{'rejection':>16}")
+    print(f"\n{'method':<44}{'N':>3}{'accuracy':>16}{'model calls':>13}"
+          f"{'fwd-token-eq':>14}{'proposed':>10}{'rejection':>16}")
     for r in rows:
         acc, rej = r["accuracy"], r["rejection_rate"]
         rejection = "-" if rej[0] != rej[0] else f"{rej[0]:.1%} ± {rej[1]:.1%}"
         proposed = "-" if r["method"] != "nabla" else f"{r['revisions_proposed']:.2f}"
-        print(f"{r['label']:<44}{r['n']:>3}{acc[0]:>9.1%} ± {acc[1]:.1%}{r['model_calls']:>13.1f}{r['forward_tokens']:>14.0f}"
+        print(f"{r['label']:<44}{r['n']:>3}{acc[0]:>9.1%} ± {acc[1]:.1%}"
+              f"{r['model_calls']:>13.1f}{r['forward_tokens']:>14.0f}"
               f"{proposed:>10}{rejection:>16}")
 
 
@@ -469,7 +483,8 @@ def draw_curve(report: dict, path: Path) -> None:
         ax.errorbar([greedy[key]], [100 * greedy["accuracy"][0]], yerr=[100 * greedy["accuracy"][1]], color="black",
                     marker="*", markersize=12, capsize=3, ls="none", label="greedy")
         ax.errorbar([r[key] for r in rows["self-consistency"]], [100 * results[f"pass_{n}"][0] for n in ns],
-                    color="gray", ls="--", marker="o", mfc="none", label="pass@N: some sample right (a perfect selector)")
+                    color="gray", ls="--", marker="o", mfc="none",
+                    label="pass@N: some sample right (a perfect selector)")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
@@ -497,7 +512,8 @@ def by_length(res: dict, problems: list[Problem], n: int) -> dict:
     for k in sorted(set(steps)):
         idx = [i for i, s in enumerate(steps) if s == k]
         pick = lambda r: [r["correct"][i] for i in idx]
-        out[k] = dict(problems=len(idx), nabla=statistics.mean(pick(res["nabla"][n])), bon=statistics.mean(pick(res["bon", n])),
+        out[k] = dict(problems=len(idx), nabla=statistics.mean(pick(res["nabla"][n])),
+                      bon=statistics.mean(pick(res["bon", n])),
                       greedy=statistics.mean(pick(res["greedy"])),
                       gap=mean_se(a - b for a, b in zip(pick(res["nabla"][n]), pick(res["bon", n]))))
     print(f"\n∇-Reasoner minus best-of-{n} by chain length (paired):")
@@ -514,13 +530,15 @@ def by_length(res: dict, problems: list[Problem], n: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny step counts and 4 problems: a smoke test")
-    p.add_argument("--models", help="folder of the trained models (default miniature/models/; --quick: a temporary one)")
+    p.add_argument("--models",
+                   help="folder of the trained models (default miniature/models/; --quick: a temporary one)")
     p.add_argument("--retrain", action="store_true", help="train the models again even if they are cached")
     p.add_argument("--problems", type=int, help="held-out test problems (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="results/toy_arith.json", help="everything measured, as JSON")
     p.add_argument("--curve", default=Path(__file__).parent / "curve.png",
-                   help="the curve's figure, drawn when matplotlib is installed (default miniature/curve.png; --quick: none)")
+                   help="the curve's figure, drawn when matplotlib is installed "
+                        "(default miniature/curve.png; --quick: none)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the models are tiny; one thread is as fast and leaves the other core alone
     start = time.perf_counter()

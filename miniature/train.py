@@ -142,7 +142,8 @@ def rm_example(tok, problem: Problem, response: str) -> tuple[list[int], list[fl
     before, after = reward_template(tok, problem.prompt)
     response_ids = ids_of(tok, response)
     done = float(response == problem.chain)
-    return before + response_ids + after, [-1.0] * len(before) + step_labels(tok, response_ids, problem.chain) + [done] * len(after)
+    return (before + response_ids + after,
+            [-1.0] * len(before) + step_labels(tok, response_ids, problem.chain) + [done] * len(after))
 
 
 def rm_scores(rm, tok, pairs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +209,8 @@ def train_reward_model(lm, tok, held_out: set[str], s: TrainSettings, seed: int)
         final = logits[torch.arange(len(rows)), ends]
         loss = bce(logits[steps], labels[steps]) + bce(final, labels[torch.arange(len(rows)), ends])
         if s.rm_lm_weight:
-            loss = loss + s.rm_lm_weight * torch.nn.functional.cross_entropy(next_token.flatten(0, 1), targets.flatten())
+            loss = loss + s.rm_lm_weight * torch.nn.functional.cross_entropy(
+                next_token.flatten(0, 1), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
