@@ -465,16 +465,23 @@ def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class Busy(InputError):
+    """Another run holds the lock of a results file."""
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path):
-    """Hold `path` for this run, or refuse if another run holds it: two runs appending to one file would do the
-    work twice, and one's tidying could drop the other's results. The lock file stays: removing it would let a
-    run that opened it just before lock a file that the next run cannot see."""
+    """Hold `path` while this run reads and writes it, or refuse if another run holds it: two runs appending to
+    one file would do the work twice, and one's tidying (or a merge) could replace the file under the other,
+    whose later results would be lost. The lock file stays: removing it would let a run that opened it just
+    before lock a file that the next run cannot see."""
     with path.with_name(f".{path.name}.lock").open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, even on a kill
         except BlockingIOError:
-            raise InputError(f"{path}: another run is writing it now; wait for it or pick another --output") from None
+            raise Busy(f"{path}: another run is writing it now; wait for it or pick another --output") from None
+        except OSError as e:  # a file system without locks (some Lustre, FUSE or SMB mounts): go on unguarded
+            tqdm.write(f"cannot lock {path} ({first_line(e)}): never start two runs on it at once", file=sys.stderr)
         yield
 
 
@@ -523,17 +530,22 @@ def read_manifest(path: Path) -> dict | None:
                          f"written again from the results' own records") from None
 
 
-def reference_settings(output: Path, files: list[Path]) -> dict[str, tuple[dict, Path]]:
-    """Each method's settings on record and the file that holds them: the manifest beside `output`, or for an
-    output from before manifests, the method's first record in `files`."""
+def settings_on_record(output: Path, files: list[Path], refusal: str) -> tuple[dict, list[dict]]:
+    """Each method's settings on record for `output` and the file that holds them (the manifest or, for an output
+    from before manifests, the method's first record in `files`), and the records of `files`, each checked
+    against those settings: a record of other settings is a one-line error that ends with `refusal`."""
     manifest = beside(output, "manifest")
-    if (settings := read_manifest(manifest)) is not None:
-        return {method: (found, manifest) for method, found in settings.items()}
-    reference: dict[str, tuple[dict, Path]] = {}
+    reference = {method: (found, manifest) for method, found in (read_manifest(manifest) or {}).items()}
+    records = []
     for path in files:
         for record in read_records(path)[0]:
-            reference.setdefault(record["method"], (record.get("settings") or {}, path))
-    return reference
+            found = record.get("settings") or {}
+            expected, where = reference.setdefault(record["method"], (found, path))
+            if c := conflict(found, expected):
+                raise InputError(f"{path} holds {record['method']} results of another run than {where} ({c[0]}: "
+                                 f"{c[1]!r} vs {c[2]!r}); {refusal}")
+            records.append(record)
+    return reference, records
 
 
 def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> None:
@@ -545,7 +557,7 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
     """
     path = beside(output, "manifest")
     for attempt in range(2):  # a second look when another shard wrote the manifest while this one looked
-        reference = reference_settings(output, [output, *rank_files(output)])
+        reference = settings_on_record(output, [output, *rank_files(output)], "pick another --output")[0]
         for method in [m for m in methods if m in reference]:
             if c := conflict(reference[method][0], settings[method]):
                 raise InputError(f"{reference[method][1]} was written by a run with other settings ({c[0]}: "
@@ -598,19 +610,13 @@ def write_summary(output: Path, records: list[dict], config: dict) -> dict:
 
 def merge(output: Path, ranks: list[Path], config: dict | None = None, keys: set | None = None) -> dict:
     """Combine the shards' files (and what `output` holds) into `output` and its summary, if every record has
-    the manifest's settings (or, without a manifest, those of the first record of its method); otherwise
-    change nothing. With `keys`, the summary covers those (id, method) results only."""
-    reference = reference_settings(output, [output, *ranks])
-    sources = [(p, read_records(p)[0]) for p in [output, *ranks]]
-    for path, records in sources:
-        for record in records:
-            expected, where = reference[record["method"]]
-            if c := conflict(record.get("settings") or {}, expected):
-                raise InputError(f"{path} holds {record['method']} results of another run than {where} ({c[0]}: "
-                                 f"{c[1]!r} vs {c[2]!r}); nothing was merged")
-    combined = best_records([r for _, records in sources for r in records]).values()
-    combined = sorted(combined, key=lambda r: (r.get("index", 0), METHODS.index(r["method"])))
-    write_atomically(output, "".join(_to_json(r) + "\n" for r in combined))
+    the settings on record; otherwise change nothing. With `keys`, the summary covers those (id, method) results
+    only."""
+    settings_on_record(output, [output, *ranks], "nothing was merged")  # refuse before even a lock file exists
+    with exclusive_lock(output):  # then read again, with no other run writing `output`
+        reference, records = settings_on_record(output, [output, *ranks], "nothing was merged")
+        combined = sorted(best_records(records).values(), key=lambda r: (r.get("index", 0), METHODS.index(r["method"])))
+        write_atomically(output, "".join(_to_json(r) + "\n" for r in combined))
     if config is None:  # --merge: the settings of the methods merged, from the manifest or the first records
         config = {"settings": {m: reference[m][0] for m in METHODS if any(r["method"] == m for r in combined)}}
     config = {**config, "shard": None, "merged_from": [str(p) for p in ranks]}
@@ -670,7 +676,10 @@ def evaluate(args) -> int:
     if shards > 1:  # the shard that finishes last writes the combined results
         everything = {(p.id, m) for p in problems for m in methods}
         if everything <= {k for rank in ranks for k in best_records(read_records(rank)[0])}:
-            merge(output, ranks, run_config, everything)
+            try:
+                merge(output, ranks, run_config, everything)
+            except Busy as e:  # most likely another shard that finished at the same moment, merging
+                tqdm.write(f"not merged: {e}", file=sys.stderr)
         else:
             tqdm.write(f"not every shard has finished; the last to finish (or --merge {output.parent}) writes "
                        f"{output}", file=sys.stderr)

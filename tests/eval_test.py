@@ -303,6 +303,17 @@ def test_a_second_run_on_a_file_another_run_is_writing_is_refused(model_dirs, tm
     assert len(read_jsonl(out)) == 3
 
 
+def test_no_merge_replaces_a_file_another_run_is_writing(model_dirs, tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out, "--shard", "0/2", limit=4) == 0
+    with em.exclusive_lock(out):  # e.g. an unsharded run on the same output, still going
+        assert run(model_dirs, out, "--shard", "1/2", limit=4) == 0  # its own results are kept...
+        assert "not merged: " in capsys.readouterr().err and not out.exists()  # ...but it does not merge
+        assert em.main(["--merge", str(tmp_path)]) == 2
+        assert "another run is writing it now" in capsys.readouterr().err and not out.exists()
+    assert em.main(["--merge", str(tmp_path)]) == 0 and len(read_jsonl(out)) == 4
+
+
 def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(model_dirs, tmp_path, monkeypatch):
     out, real_solve = tmp_path / "out.jsonl", em.solve
     second = em.load_problems(PROBLEMS)[1].problem
@@ -746,6 +757,19 @@ def test_an_output_from_before_manifests_still_resumes_and_merges(model_dirs, tm
     monkeypatch.setattr(em, "solve", lambda *a, **k: pytest.fail("nothing is left to solve"))
     assert run(model_dirs, out, "--shard", "1/2", limit=4) == 0  # resumes, and writes the manifest from the records
     assert manifest.read_text() == written
+
+
+def test_an_old_output_whose_records_disagree_is_refused(model_dirs, tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out, limit=2) == 0
+    (tmp_path / "math500.jsonl.manifest.json").unlink()  # from before manifests, and two runs' records in it:
+    records = read_jsonl(out)
+    records[1]["settings"]["base_seed"] = 99
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = snapshot(tmp_path)
+    assert run(model_dirs, out, limit=3) == 2
+    assert f"{out} holds greedy results of another run than {out} (base_seed: 99 vs 0)" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
 
 
 def test_an_old_output_with_unmerged_shards_refuses_a_run_of_another_shard_count(model_dirs, tmp_path, capsys):
