@@ -160,6 +160,22 @@ def test_sampling_is_seeded_and_ignores_the_models_own_generation_defaults(tok, 
     assert all(1 <= s.tokens <= 6 for s in samples)
 
 
+def test_a_sample_ends_at_its_end_of_sequence_token_which_counts_as_generated(tok, lm):
+    config = em.NablaConfig(max_new_tokens=6, rollout_temperature=0)
+    first = em.sample(em.Models(lm, tok), [Q], 1, seed=0, config=config)[0][0]
+    stopping_lm = copy.deepcopy(lm)
+    stopping_lm.generation_config.eos_token_id = [tok.convert_tokens_to_ids(first.scored_text[0])]
+    stopped = em.sample(em.Models(stopping_lm, tok), [Q], 1, seed=0, config=config)[0][0]
+    assert first.tokens == 6 and (stopped.tokens, stopped.text) == (1, "")  # the greedy first token, now the end
+
+
+def test_a_batch_shares_its_time_out_evenly(tok, lm, monkeypatch):
+    clock = iter([100.0, 110.0, 110.0])
+    monkeypatch.setattr(em, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    results = em.solve("greedy", [Q, "What is 7*6?"], em.Models(lm, tok), config=em.NablaConfig(max_new_tokens=2))
+    assert [r["wall_time_s"] for r in results] == [5.0, 5.0]
+
+
 def test_solve_counts_model_calls_and_bon_returns_the_best_scored_sample(tok, lm, rm):
     models, config = em.Models(lm, tok, rm, tok), em.NablaConfig(max_new_tokens=5)
     greedy = em.solve("greedy", [Q], models, config=config)[0]
@@ -312,6 +328,38 @@ def test_no_merge_replaces_a_file_another_run_is_writing(model_dirs, tmp_path, c
         assert em.main(["--merge", str(tmp_path)]) == 2
         assert "another run is writing it now" in capsys.readouterr().err and not out.exists()
     assert em.main(["--merge", str(tmp_path)]) == 0 and len(read_jsonl(out)) == 4
+
+
+def test_each_problem_is_solved_with_its_own_seed_from_the_base_seed(model_dirs, tmp_path, monkeypatch):
+    seeds, real_solve = [], em.solve
+
+    def recording_solve(method, prompts, models, n, seed, config):
+        seeds.append(seed)
+        return real_solve(method, prompts, models, n=n, seed=seed, config=config)
+
+    monkeypatch.setattr(em, "solve", recording_solve)
+    assert run(model_dirs, tmp_path / "a.jsonl", methods="sc") == 0
+    assert run(model_dirs, tmp_path / "b.jsonl", "--seed", "1", methods="sc") == 0
+    assert seeds == [em.problem_seed(base, i) for base in (0, 1) for i in range(3)] and len(set(seeds)) == 6
+    assert [r["seed"] for r in read_jsonl(tmp_path / "a.jsonl")] == seeds[:3]
+
+
+def test_the_summary_counts_failed_problems_as_wrong_and_keeps_failures_out_of_the_means(tmp_path):
+    records = [{"id": str(i), "method": "greedy", "correct": ok, "error": error, "model_calls": calls,
+                "forward_token_equivalents": calls, "generated_tokens": calls, "wall_time_s": 1.0, "stats": {},
+                "peak_gpu_memory_gib": None} for i, (ok, error, calls) in
+               enumerate([(True, None, 10), (False, None, 20), (False, "RuntimeError: CUDA out of memory", None)])]
+    row = em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["greedy"]
+    assert (row["problems"], row["correct"], row["errors"], row["accuracy_pct"]) == (3, 1, 1, 33.33)
+    assert row["mean_model_calls"] == 15
+
+
+def test_a_result_replaces_an_earlier_one_but_an_error_never_replaces_a_result():
+    ok, ok2, failed = ({"id": "a", "method": "sc", "n": i, "error": e} for i, e in ((1, None), (2, None), (3, "E")))
+    assert em.best_records([ok, failed])[("a", "sc")] is ok
+    assert em.best_records([failed, ok])[("a", "sc")] is ok
+    assert em.best_records([ok, ok2])[("a", "sc")] is ok2
+    assert em.best_records([failed])[("a", "sc")] is failed
 
 
 def test_a_failed_problem_is_recorded_the_run_goes_on_and_a_rerun_retries_it(model_dirs, tmp_path, monkeypatch):
@@ -543,6 +591,8 @@ def test_merge_refuses_shards_of_two_runs_and_changes_nothing(model_dirs, tmp_pa
     ("greedy", ["--batch-size", "2"], "batch_size"),
     ("nabla", ["--top-k", "5"], "nabla.resample_top_k"),
     ("nabla", ["--compile"], "nabla.fast_rollout"),
+    ("bon", ["--reward-model", "another/reward-model"], "reward_model"),
+    ("sc", ["--seed", "1"], "base_seed"),
 ])
 def test_each_result_records_the_settings_it_depends_on(model_dirs, tmp_path, capsys, method, option, field):
     out = tmp_path / "out.jsonl"
