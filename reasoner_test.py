@@ -719,3 +719,135 @@ def test_fast_rollout_refuses_sliding_window_models(tok):
     reasoner = NablaReasoner(lm, tok, None, None, replace(FAST, fast_rollout=True))
     with pytest.raises(ValueError, match="sliding-window"):
         reasoner.generate(PROMPT)
+
+
+# ------------------------------------------------------------------------------------------ caches, rollouts, end of sequence
+
+
+def test_each_pass_runs_only_what_the_kv_caches_lack(tok, lm, rm, monkeypatch):
+    """The caches cover all of the prefix they can: a selection pass runs the last prefix id (the LM cache stops
+    before it), plus the token committed after DTO unless a revision's rollout cached it; the RM runs that token
+    again. DTO's passes come right after the selection pass's commit: LM gap 1, RM gap 0. Every proposal is kept
+    here, so after each rollout the LM gap is 1."""
+    passes, in_dto = [], [False]
+    real_pass, real_dto, real_rollout = nabla.ahead_loss_and_grads, nabla.dto, NablaReasoner._rollout
+
+    def spy_pass(lm_, rm_, vmap, prefix, *args):
+        gaps = (len(prefix.lm_ids) - nabla._kv_len(prefix.lm_kv), len(prefix.rm_ids) - nabla._kv_len(prefix.rm_kv))
+        passes.append(("dto" if in_dto[0] else "select", *gaps))
+        return real_pass(lm_, rm_, vmap, prefix, *args)
+
+    def spy_dto(*args, **kwargs):
+        in_dto[0] = True
+        try:
+            return real_dto(*args, **kwargs)
+        finally:
+            in_dto[0] = False
+
+    def spy_rollout(self, *args):
+        passes.append(("rollout",))
+        return real_rollout(self, *args)
+
+    monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    monkeypatch.setattr(NablaReasoner, "_rollout", spy_rollout)
+    NablaReasoner(lm, tok, rm, tok, replace(FAST, rejection_sampling=False, max_new_tokens=24)).generate(PROMPT)
+    selections = [i for i, p in enumerate(passes) if p[0] == "select"]
+    assert passes[0] == ("rollout",) and len(selections) >= 3
+    assert passes[1][:2] == ("select", 1)  # the first draft's rollout cached the prompt but its last id
+    assert all(p[1:] == (1, 0) for p in passes if p[0] == "dto") and any(p[0] == "dto" for p in passes)
+    assert all(passes[i][1] in (1, 2) and passes[i][2] == 1 for i in selections[1:])
+    assert all(passes[i + 1][:2] == ("select", 1) for i, p in enumerate(passes[:-1]) if p[0] == "rollout")
+
+
+def test_every_rollout_gets_the_room_the_length_limit_leaves(tok, lm, rm, monkeypatch):
+    prompt_len, rooms = len(chat_prompt_ids(tok, PROMPT)), []
+    real_generate = type(lm).generate
+
+    def spy_generate(self, input_ids, generation_config=None, **kwargs):
+        rooms.append(input_ids.shape[1] - prompt_len + generation_config.max_new_tokens)
+        return real_generate(self, input_ids, generation_config=generation_config, **kwargs)
+
+    monkeypatch.setattr(type(lm), "generate", spy_generate)
+    NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=0)
+    assert len(rooms) >= 2 and set(rooms) == {FAST.max_new_tokens}  # committed + redrawn + new = the limit
+
+
+def test_a_redraw_of_the_drafted_token_rolls_out_nothing(tok, lm, rm, monkeypatch):
+    drafted, real_dto = [], nabla.dto
+
+    def spy_dto(z0, full_grad, cfg, first=None, to_logits=lambda x: x):
+        drafted.append(first[0])
+        return real_dto(z0, full_grad, cfg, first, to_logits)
+
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    monkeypatch.setattr(nabla, "sample_top_p", lambda *args, **kwargs: drafted[-1])
+    stats = NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=0).stats
+    assert stats["optimized_tokens"] >= 2 and stats["rollouts"] == 1 and stats["revisions_proposed"] == 0
+
+
+def test_dto_takes_the_selection_gradient_even_without_gradient_caching():
+    """grad_cache=False recomputes the gradient at every later iteration, but the first iteration's gradient,
+    handed over from selection for the same token, is exact: recomputing it would waste a pass."""
+    g, z0, asked = torch.zeros(10), torch.zeros(10), []
+    g[3], z0[3] = 1.0, 5.0
+    _, n_full, n_cached = dto(z0, lambda t: asked.append(t) or g, NablaConfig(dto_iters=4, grad_cache=False),
+                              first=(3, g))
+    assert (n_full, n_cached, len(asked)) == (3, 1, 3)
+
+
+def test_top_p_keeps_the_smallest_nucleus_that_reaches_it():
+    torch.manual_seed(0)  # two equally likely tokens and top_p 0.5: the first alone reaches it
+    assert len({sample_top_p(torch.zeros(2), 1.0, 0.5) for _ in range(50)}) == 1
+
+
+def test_a_redrawn_end_of_sequence_token_ends_the_draft(tok, lm, rm):
+    reasoner, stats = NablaReasoner(lm, tok, rm, tok, FAST), dict.fromkeys(nabla.STATS, 0)
+    tokens, _ = reasoner._rollout(Prefix(chat_prompt_ids(tok, PROMPT), [], []), [tok.eos_token_id], 0, stats)
+    assert tokens == [tok.eos_token_id] and stats["generated_tokens"] == stats["model_calls"] == 0
+
+
+def test_the_reward_model_never_reads_the_end_of_sequence_token(tok, lm, rm):
+    """The RM's template closes the response itself: the acceptance score and the DTO loss both leave the
+    LM's end-of-sequence token out."""
+    reasoner, stats = NablaReasoner(lm, tok, rm, tok, FAST), dict.fromkeys(nabla.STATS, 0)
+    before, after = reward_template(tok, PROMPT)
+    reward = reasoner._reward(PROMPT, ids_of(tok, "x = 5") + [tok.eos_token_id], stats, before, after)
+    assert reward == pytest.approx(score(rm, tok, PROMPT, "x = 5"), abs=1e-6)
+    assert stats["reward_splice_mismatches"] == 0
+    vocab_map, ahead = align_vocab(tok, tok, lm.config.vocab_size), ids_of(tok, "5.")
+    prefix = lambda: make_prefix(lm, rm, tok, tok, vocab_map)  # noqa: E731
+    with_eos = reasoner._loss_and_grads(prefix(), ahead + [tok.eos_token_id], stats)
+    without = ahead_loss_and_grads(lm, rm, vocab_map, prefix(), ahead, FAST)
+    likelihood_of_eos = FAST.likelihood_coeff * with_eos.logp[-1, tok.eos_token_id]
+    assert with_eos.loss.item() == pytest.approx(without.loss.item() - likelihood_of_eos.item(), abs=1e-6)
+
+
+def test_tokens_the_reward_model_lacks_get_no_reward_gradient(tok, lm):
+    rm_tok = make_tokenizer(chars=[c for c in PRINTABLE if c not in "qz"])
+    rm = make_rm(rm_tok)
+    with torch.no_grad():  # row 0 is a padding row of zeros: make it one a wrong lookup would show
+        rm.get_input_embeddings().weight[0] = torch.randn(rm.config.hidden_size)
+    vocab_map, ahead = align_vocab(tok, rm_tok, lm.config.vocab_size), ids_of(tok, "it is 5")
+    step = ahead_loss_and_grads(lm, rm, vocab_map, make_prefix(lm, rm, tok, rm_tok, vocab_map), ahead, FAST)
+    positions, missing = torch.arange(len(ahead)), (vocab_map < 0).nonzero().flatten()
+    both = onehot_grads(step, positions, lm, rm, vocab_map, FAST)
+    lm_only = onehot_grads(step, positions, lm, None, None, FAST)
+    assert len(missing) >= 2 and torch.equal(both[:, missing], lm_only[:, missing])
+
+
+def test_drafts_use_the_rollout_settings_and_every_end_of_sequence_id(tok, lm):
+    cfg = NablaConfig(rollout_temperature=0.7, rollout_top_p=0.9, rollout_top_k=11, resample_temperature=0.3,
+                      resample_top_p=0.5, resample_top_k=3)
+    sampling = nabla.draft_sampling(lm, tok, cfg)
+    assert [sampling[k] for k in ("do_sample", "temperature", "top_p", "top_k")] == [True, 0.7, 0.9, 11]
+    assert sampling["eos_token_id"] == eos_token_ids(lm) and len(sampling["eos_token_id"]) == 2
+    assert sampling["repetition_penalty"] == 1.0
+    assert not nabla.draft_sampling(lm, tok, replace(cfg, rollout_temperature=0))["do_sample"]
+
+
+def test_selection_finds_the_first_big_gradient_past_the_first_chunk():
+    norms = [1.0, 1.0, 9.0, 9.0, 9.0]
+    s, grad = select_position(fake_step([0.5] * 5), NablaConfig(),
+                              lambda p: torch.tensor([[norms[i], 0.0] for i in p.tolist()]), chunk=2)
+    assert s == 2 and grad.tolist() == [9.0, 0.0]
