@@ -14,6 +14,7 @@ The file reads top to bottom in the order of the paper:
   NablaConfig               the paper's MATH-500 settings
   straight_through_onehot   Differentiable Textual Optimization (DTO): hard one-hot forward, softmax backward
   align_vocab               a reward model with another tokenizer, aligned to the LLM by token string
+  draft_sampling            `generate`'s settings for every draft, each knob explicit
   chat_prompt_ids, reward_template, reward_head, score
                             the prompt in each model's chat template; r(x, y) for a whole response
   Prefix, ahead_loss_and_grads
