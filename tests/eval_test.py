@@ -5,6 +5,7 @@ The grader test reads MATH-500 from ../shared/data and is skipped, with the reas
 the end-to-end tests use MATH-500 when it is there and a few synthetic problems in its schema otherwise.
 """
 import copy
+import errno
 import json
 import os
 import subprocess
@@ -140,6 +141,29 @@ def test_vote_groups_equivalent_answers_ignores_missing_ones_and_breaks_ties_by_
     assert em.vote(["no", "answers"]) == (0, [])
 
 
+def test_data_files_as_aime_and_amc_ship_them(tmp_path):
+    path = tmp_path / "aime.json"
+    path.write_text('\n  [{"prompt": "1+1", "answer": "2", "id": "a"}, {"prompt": "2+2", "answer": 4}]\n')
+    assert [(p.id, p.answer) for p in em.load_problems(path)] == [("a", "2"), ("1", "4")]  # no id: the position
+    path.write_text('[{"prompt": "a", "answer": 142.0, "id": "x"}]')
+    assert [p.answer for p in em.load_problems(path)] == ["142.0"]
+    path.write_text('[{"prompt": "a", "answer": true, "id": "x"}]')
+    with pytest.raises(em.InputError, match="entry 0: no 'answer'"):
+        em.load_problems(path)
+
+
+def test_string_fallback_ignores_case_and_a_final_full_stop():
+    assert em.is_correct("\\boxed{A, C}", "\\text{a, c}")  # math-verify says no: the fallback ignores case
+    assert em.is_correct("\\boxed{\\text{Monday.}}", "\\text{Monday}")  # ...and a full stop
+
+
+def test_the_gold_answer_plays_the_gold_in_math_verify():
+    # math-verify is one-sided: an interval answer matches an inequality gold, not the other way round
+    assert em.is_correct("\\boxed{[1,2]}", "1 \\le x \\le 2")
+    assert not em.is_correct("\\boxed{1 \\le x \\le 2}", "[1,2]")
+    assert em.vote(["\\boxed{1 \\le x \\le 2}", "\\boxed{[1,2]}"]) == (0, [[0, 1]])  # a group's first is its gold
+
+
 # ----------------------------------------------------------------------------------------------
 # Methods
 
@@ -254,6 +278,26 @@ def test_every_method_end_to_end_on_three_math500_problems(model_dirs, tmp_path)
     assert summary["paper_math500_qwen2.5_7b_instruct_pct"]["nabla"] == 80.4
 
 
+def test_sc_returns_the_first_sample_of_the_winning_group(tok, lm, monkeypatch):
+    texts = ["\\boxed{3}", "\\boxed{4}", "\\boxed{4}"]
+    monkeypatch.setattr(em, "sample", lambda models, prompts, n, seed, config:
+                        [[em.Sample(t, 2, 5, t) for t in texts] for _ in prompts])
+    result = em.solve("sc", [Q], em.Models(lm, tok), n=3)[0]
+    assert (result["response"], result["stats"]["chosen"]) == ("\\boxed{4}", 1)
+
+
+def test_batched_bon_scores_each_problem_with_its_own_samples(tok, lm, rm):
+    models, config, prompts = em.Models(lm, tok, rm, tok), em.NablaConfig(max_new_tokens=5), [Q, "Why is 7*6 42?"]
+    results = em.solve("bon", prompts, models, n=2, seed=3, config=config)
+    samples = em.sample(models, prompts, 2, seed=3, config=config)
+    for prompt, result, mine in zip(prompts, results, samples):
+        assert result["stats"]["rewards"] == pytest.approx([score(rm, tok, prompt, s.scored_text) for s in mine],
+                                                           abs=1e-5)
+        rm_len = sum(len(reward_ids(tok, prompt, s.scored_text)) for s in mine)
+        assert result["forward_token_equivalents"] == \
+               sum(len(chat_prompt_ids(tok, prompt)) + s.tokens - 1 for s in mine) + rm_len
+
+
 # ----------------------------------------------------------------------------------------------
 # Resuming and failures
 
@@ -346,12 +390,16 @@ def test_each_problem_is_solved_with_its_own_seed_from_the_base_seed(model_dirs,
 
 def test_the_summary_counts_failed_problems_as_wrong_and_keeps_failures_out_of_the_means(tmp_path):
     records = [{"id": str(i), "method": "greedy", "correct": ok, "error": error, "model_calls": calls,
-                "forward_token_equivalents": calls, "generated_tokens": calls, "wall_time_s": 1.0, "stats": {},
-                "peak_gpu_memory_gib": None} for i, (ok, error, calls) in
-               enumerate([(True, None, 10), (False, None, 20), (False, "RuntimeError: CUDA out of memory", None)])]
-    row = em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["greedy"]
+                "forward_token_equivalents": calls, "generated_tokens": calls, "wall_time_s": seconds, "stats": {},
+                "peak_gpu_memory_gib": peak} for i, (ok, error, calls, seconds, peak) in
+               enumerate([(True, None, 10, 1.0, 1.5), (False, None, 20, 2.0, 3.25),
+                          (False, "RuntimeError: CUDA out of memory", None, 9.0, 2.0)])]
+    records.append(dict(records[0], method="sc"))
+    summary = em.write_summary(tmp_path / "out.jsonl", records, {})
+    row = summary["methods"]["greedy"]
     assert (row["problems"], row["correct"], row["errors"], row["accuracy_pct"]) == (3, 1, 1, 33.33)
-    assert row["mean_model_calls"] == 15
+    assert (row["mean_model_calls"], row["mean_seconds"], row["peak_gpu_memory_gib"]) == (15, 1.5, 3.25)
+    assert summary["config"]["problems"] == 3  # problems, not records
 
 
 def test_a_result_replaces_an_earlier_one_but_an_error_never_replaces_a_result():
@@ -399,6 +447,81 @@ def test_resume_refuses_results_of_other_settings(model_dirs, tmp_path, capsys):
     assert "--grad-norm-threshold must not be negative" in capsys.readouterr().err
 
 
+def test_only_the_last_line_may_be_cut_off_and_a_record_has_a_string_id(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps({"id": "a", "method": "greedy", "error": None}) + "\ngarbage\n" + '{"id": "b", "meth')
+    with pytest.raises(em.InputError, match="line 2: not a result record"):
+        em.read_records(path)
+    path.write_text('{"id": 1, "method": "greedy"}\n')
+    with pytest.raises(em.InputError, match="line 1: not a result record"):
+        em.read_records(path)
+
+
+def test_only_a_file_with_more_than_its_finished_results_needs_tidying(tmp_path):
+    assert em.finished_records(tmp_path / "none.jsonl") == ({}, False)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert em.finished_records(tmp_path / "empty.jsonl") == ({}, False)
+    first, again = ({"id": "a", "method": "greedy", "n": i, "error": None} for i in (1, 2))
+    (tmp_path / "twice.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(again) + "\n")
+    assert em.finished_records(tmp_path / "twice.jsonl") == ({("a", "greedy"): again}, True)
+
+
+def test_write_atomically_leaves_no_temporary_file(tmp_path):
+    em.write_atomically(tmp_path / "m.json", "a", exclusive=True)
+    em.write_atomically(tmp_path / "s.json", "b")
+    with pytest.raises(FileExistsError):
+        em.write_atomically(tmp_path / "m.json", "c", exclusive=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "s.json"]
+    assert (tmp_path / "m.json").read_text() == "a"
+
+
+def test_a_field_only_one_side_has_is_a_conflict():
+    assert em.conflict({"a": 1}, {"a": 1, "b": 2}) == ("b", None, 2)
+    assert em.conflict({"a": 1, "c": 3}, {"a": 1}) == ("c", 3, None)
+
+
+@pytest.mark.parametrize("text", ['{"settings": {"greedy": {}}}', '{"settings": ["greedy"]}', '{"settings": 5}'])
+def test_a_manifest_without_every_methods_settings_is_refused(tmp_path, text):
+    path = tmp_path / "out.jsonl.manifest.json"
+    path.write_text(text)
+    with pytest.raises(em.InputError, match="not a settings manifest"):
+        em.read_manifest(path)
+
+
+def test_a_new_manifest_keeps_an_old_outputs_settings_for_methods_not_run_now(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "a", "method": "sc", "settings": {"max_new_tokens": 4}}) + "\n")
+    em.agree_on_settings(out, {m: {"max_new_tokens": 5} for m in em.METHODS}, ["greedy"], write=True)
+    manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())["settings"]
+    assert manifest["sc"] == {"max_new_tokens": 4} and manifest["greedy"] == {"max_new_tokens": 5}
+
+
+def test_a_finished_run_does_not_load_the_models_again(model_dirs, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, limit=1) == 0
+    monkeypatch.setattr(em, "load_models", lambda *a, **k: pytest.fail("nothing is left to solve"))
+    assert run(model_dirs, out, limit=1) == 0
+
+
+def test_an_unsharded_run_summarises_its_own_problems_and_merges_nothing(model_dirs, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, limit=2) == 0
+    assert run(model_dirs, out, limit=1) == 0  # a smaller --limit: the file keeps both, the summary covers one
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert summary["methods"]["greedy"]["problems"] == 1 and summary["config"]["problems"] == 1
+    assert summary["config"]["shard"] == "0/1" and "merged_from" not in summary["config"]
+    assert len(read_jsonl(out)) == 2
+
+
+def test_a_file_system_without_locks_is_a_warning_not_an_error(model_dirs, tmp_path, monkeypatch, capsys):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(em.fcntl, "flock", no_locks)
+    assert run(model_dirs, tmp_path / "out.jsonl", limit=1) == 0
+    assert "No locks available): never start two runs on it at once" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # Several GPUs
 
@@ -436,6 +559,31 @@ def test_shards_cover_every_problem_exactly_once_and_match_one_unsharded_run(mod
     assert [r["id"] for r in read_jsonl(out)] == ids
     assert json.loads((tmp_path / "sharded" / "math500.jsonl.summary.json").read_text())["methods"] == \
            summary["methods"]
+
+
+def test_merge_orders_by_problem_then_method_and_its_config_names_the_methods_merged(model_dirs, tmp_path):
+    out = tmp_path / "math500.jsonl"
+    for shard in ("0/2", "1/2"):
+        assert run(model_dirs, out, "--shard", shard, methods="greedy,sc", limit=2) == 0
+    expected = [(p.id, m) for p in em.load_problems(PROBLEMS)[:2] for m in ("greedy", "sc")]
+    assert [(r["id"], r["method"]) for r in read_jsonl(out)] == expected
+    assert em.main(["--merge", str(tmp_path)]) == 0
+    assert [(r["id"], r["method"]) for r in read_jsonl(out)] == expected
+    config = json.loads((tmp_path / "math500.jsonl.summary.json").read_text())["config"]
+    assert list(config["settings"]) == ["greedy", "sc"]
+    assert config["merged_from"] == [str(tmp_path / "math500.rank0.jsonl"), str(tmp_path / "math500.rank1.jsonl")]
+
+
+def test_shards_and_devices_from_the_launchers_environment(monkeypatch):
+    assert em.resolve_shard(None, {"WORLD_SIZE": "2"}) == (0, 2)  # RANK unset: rank 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "9")  # on a second node the global rank is no GPU index
+    assert em.resolve_device("auto") == torch.device("cuda", 1)
+
+
+def test_methods_keep_their_order_without_repeats_or_spaces():
+    assert em.parse_methods("nabla, greedy,nabla") == ["nabla", "greedy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,6 +740,8 @@ def test_merge_refuses_shards_of_two_runs_and_changes_nothing(model_dirs, tmp_pa
     ("nabla", ["--top-k", "5"], "nabla.resample_top_k"),
     ("nabla", ["--compile"], "nabla.fast_rollout"),
     ("bon", ["--reward-model", "another/reward-model"], "reward_model"),
+    ("nabla", ["--reward-model", "another/reward-model"], "reward_model"),
+    ("greedy", ["--compile"], "compile"),
     ("sc", ["--seed", "1"], "base_seed"),
 ])
 def test_each_result_records_the_settings_it_depends_on(model_dirs, tmp_path, capsys, method, option, field):
