@@ -326,7 +326,7 @@ def select_position(step: AheadGrads, cfg: NablaConfig,
         grads = grads_of(candidates[i:i + chunk])
         big = (grads.norm(dim=-1) >= cfg.grad_norm_threshold).nonzero().flatten()
         if len(big):
-            return int(candidates[i + big[0]]), grads[big[0]]
+            return int(candidates[i + big[0]]), grads[big[0]].clone()  # a copy: the chunk can go
     return None, None
 
 
@@ -404,9 +404,10 @@ class NablaReasoner:
     (requires_grad=False): only the token embeddings need gradients, and a weight that requires one
     makes autograd keep every activation a weight gradient would need (more saved memory for nothing).
 
-    stats["model_calls"] counts passes as the paper does (1 per generated token, 1 per scoring, 4 per
-    gradient pass, prefills included); stats["forward_token_equivalents"] counts the tokens they run:
-    1 per token of a forward pass (prefills included), 3 per token of a pass with a backward.
+    stats["model_calls"] counts every pass that runs: 1 per generated token, 1 per scoring, 4 per gradient
+    pass, the passes that select tokens included (more than the authors count: docs/deviations.md).
+    stats["forward_token_equivalents"] counts the tokens they run: 1 per token of a forward pass (prefills
+    included), 3 per token of a pass with a backward.
     """
 
     def __init__(self, lm, lm_tokenizer, rm=None, rm_tokenizer=None, config: NablaConfig | None = None):

@@ -219,6 +219,7 @@ def test_selection_skips_confident_tokens_and_small_gradients():
 
     s, g = select_position(step, cfg, grads_of)
     assert s == 2 and g.tolist() == [9.0, 0.0]
+    assert g.untyped_storage().nbytes() == g.nbytes  # a copy of its row: the chunk's [k x V] memory can go
     assert 0 not in asked and 3 not in asked  # confident tokens are not even differentiated
     assert select_position(step, replace(cfg, grad_norm_threshold=100.0), grads_of) == (None, None)
     # the optional entropy criterion: every position here has entropy below 3 nats
