@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 import unittest.mock
-from collections import Counter, defaultdict, namedtuple
+from collections import defaultdict, namedtuple
 from functools import partial
 from pathlib import Path
 
@@ -61,9 +61,7 @@ def build_models(shape: dict, device: str, dtype: torch.dtype, seed: int, layers
     with torch.device(device):  # a 7B model never exists in fp32 on the CPU
         lm = Qwen2ForCausalLM._from_config(Qwen2Config(**config("lm")), dtype=dtype)
         rm = Qwen3ForSequenceClassification._from_config(Qwen3Config(**config("rm"), num_labels=1), dtype=dtype)
-    for model in (lm, rm):
-        model.eval().requires_grad_(False)  # the authors freeze both models too: no weight gradients anywhere
-    return lm, rm
+    return tuple(model.eval().requires_grad_(False) for model in (lm, rm))  # as the authors': no weight gradients
 
 
 @torch.no_grad()
@@ -251,16 +249,14 @@ def main(argv: list[str] | None = None) -> dict:
             peak_memory_lengths=math500._asdict())
 
     # 2. A real generate run: the paper's settings but grad_norm_threshold=0 (random weights give tiny gradients).
-    (max_new, answers), n = shape["gen"], Counter()
-    gen_cfg = nabla.NablaConfig(max_new_tokens=max_new, grad_norm_threshold=0.0)
+    max_new, answers = shape["gen"]
     tok = make_tokenizer(vocab_chars(min(lm.config.vocab_size, rm.config.vocab_size) - 3))  # + 3 special tokens
-    reasoner = nabla.NablaReasoner(lm, tok, rm, tok, gen_cfg)
+    reasoner = nabla.NablaReasoner(lm, tok, rm, tok, nabla.NablaConfig(max_new_tokens=max_new, grad_norm_threshold=0.0))
     with counting_selection_reuse() as reuse:
-        for seed in range(answers):
-            stats = reasoner.generate(PROMPT, seed=seed).stats
-            n.update({key: stats[key] for key in ("optimized_tokens", "grad_steps", "cached_steps", "rollouts")})
-            n["wall_s"] += stats["wall_time_s"]
-    iterations = n["optimized_tokens"] * gen_cfg.dto_iters
+        runs = [reasoner.generate(PROMPT, seed=seed).stats for seed in range(answers)]
+    n = {key: sum(run[key] for run in runs) for key in ("optimized_tokens", "grad_steps", "cached_steps", "rollouts")}
+    n["wall_s"] = sum(run["wall_time_s"] for run in runs)
+    iterations = n["optimized_tokens"] * reasoner.cfg.dto_iters
     rate = n["cached_steps"] / iterations if iterations else None
     row(f"generate run: {answers} answer(s) x {max_new} new tokens, the paper's settings but grad_norm_threshold=0, "
         f"{n['wall_s']:.1f} s", generate=dict(n, answers=answers, max_new_tokens=max_new))
@@ -270,20 +266,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"{reuse['offered']}", selection_reuse=reuse["reused"], selection_reuse_offered=reuse["offered"])
 
     # 3. Rollouts by NablaReasoner._rollout: generate on a cache of the given KV, the same length, sampling and seed.
-    new, stored = shape["rollout"], x.prefix.lm_kv
-    reasoners = {fast: nabla.NablaReasoner(lm, tok, config=nabla.NablaConfig(max_new_tokens=new, fast_rollout=fast))
-                 for fast in (False, True)}
-
-    def rollout(fast: bool, kv: nabla.KV) -> None:
-        tokens = reasoners[fast]._rollout(nabla.Prefix(x.prefix.lm_ids, [], [], lm_kv=kv), [], 0, defaultdict(int))[0]
-        if len(tokens) != new:  # a rate over unequal lengths would not be fair
-            raise AssertionError(f"a rollout of {len(tokens)} new tokens, not {new}")
-
-    for fast, kv in ((True, stored), (False, stored), (False, ())):  # warm-ups: on a GPU, the fast path compiles
-        rollout(fast, kv)
-    rollout_ms = median_ms(dict(ours=lambda: rollout(False, stored), fast=lambda: rollout(True, stored),
-                                plain=lambda: rollout(False, ())), min(args.repeats, 3), cuda)
-    tps = {name: new / (t / 1e3) for name, t in rollout_ms.items()}
+    new, rollouts, counts = shape["rollout"], {}, defaultdict(int)
+    for name, fast, kv in (("ours", False, x.prefix.lm_kv), ("fast", True, x.prefix.lm_kv), ("plain", False, ())):
+        reasoner = nabla.NablaReasoner(lm, tok, config=nabla.NablaConfig(max_new_tokens=new, fast_rollout=fast))
+        rollouts[name] = partial(reasoner._rollout, nabla.Prefix(x.prefix.lm_ids, [], [], lm_kv=kv), [], 0, counts)
+        rollouts[name]()  # a warm-up: on a GPU, the fast path compiles
+    tps = {name: new / (t / 1e3) for name, t in median_ms(rollouts, min(args.repeats, 3), cuda).items()}
+    if counts["generated_tokens"] != new * counts["rollouts"]:  # a rate over unequal lengths would not be fair
+        raise AssertionError(f"a rollout stopped short of {new} new tokens")
     row(f"rollout tokens/s: {new} new tokens after a {len(x.prefix.lm_ids)}-token prefix", rollout_tokens_per_s=tps)
     row("ours: generate on the stored prefix KV", f"{tps['ours']:9.1f} ({tps['ours'] / tps['plain']:.2f}x plain)")
     row(f"fast_rollout: on a static cache ({'compiled' if cuda else 'not compiled on CPU'})", f"{tps['fast']:9.1f}")
