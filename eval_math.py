@@ -65,10 +65,10 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: Path, errors: str = "strict") -> str | None:
     """A file's text, None if there is no such file, a one-line error if it cannot be read."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8", errors=errors)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as e:
@@ -145,6 +145,11 @@ def _normalise(answer: str) -> str:
     return s.rstrip(".").lower()
 
 
+def _parse(text: str) -> list:
+    """math-verify's reading, after removing thin spaces between digit groups: it reads 1\\,000 as 1 · 000."""
+    return parse(re.sub(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))", "", text))
+
+
 def _equivalent(reference: list, candidate: list) -> bool:
     """math-verify's judgement (the reference plays the gold), else equal normalised strings."""
     if not reference or not candidate:
@@ -159,13 +164,13 @@ def extract_answer(text: str) -> str | None:
     math-verify's reading: the \\boxed{} answer (several boxed answers are read together, as when a model
     boxes each root), else a "final answer is" expression, else the last expression in math mode.
     """
-    return _answer_string(parse(text))
+    return _answer_string(_parse(text))
 
 
 def is_correct(text: str, gold: str) -> bool:
     """Whether the response's final answer equals the gold answer (math-verify, then a string fallback)."""
     # Without the $...$ math-verify looks for an answer inside the gold string and may read only part of it.
-    return _equivalent(parse(f"${gold}$"), parse(text))
+    return _equivalent(_parse(f"${gold}$"), _parse(text))
 
 
 def _vote(parsed: list[list]) -> tuple[int, list[list[int]]]:
@@ -188,7 +193,7 @@ def _vote(parsed: list[list]) -> tuple[int, list[list[int]]]:
 
 def vote(texts: list[str]) -> tuple[int, list[list[int]]]:
     """Majority vote over the answers of `texts`: (index of the returned sample, groups of sample indices)."""
-    return _vote([parse(t) for t in texts])
+    return _vote([_parse(t) for t in texts])
 
 
 # Methods -------------------------------------------------------------------------------------------------
@@ -219,7 +224,8 @@ class Sample:
 def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig) -> list[list[Sample]]:
     """N responses to each prompt from one `generate` call (num_return_sequences=N), seeded locally.
 
-    Several prompts are left-padded into one batch; greedy answers are the same as one at a time.
+    Several prompts are left-padded into one batch; greedy answers are the same as one at a time in fp32 (in
+    bf16 the padded shapes round differently, and an answer may change).
     """
     lm, tokenizer, eos = models.lm, models.lm_tokenizer, eos_token_ids(models.lm)
     sampling = draft_sampling(lm, tokenizer, config)  # rollout_temperature=0: greedy
@@ -269,7 +275,7 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
 
     n: samples for sc and bon, rollout budget (max_rollouts) for nabla; greedy ignores it. config: the length
     limit and sampling of every method, and all of ∇-Reasoner's settings. greedy, sc and bon sample all prompts
-    in one batch seeded with `seed` (so sc and bon draw differently than one at a time; greedy does not);
+    in one batch seeded with `seed` (so sc and bon draw differently than one at a time; greedy only in bf16);
     ∇-Reasoner answers them one after another. For sc the response is the first sample whose answer won.
     """
     if method not in METHODS:
@@ -300,7 +306,7 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
         fte = sum(s.prompt_tokens + max(s.tokens - 1, 0) for s in samples)
         stats, chosen = {"sample_tokens": [s.tokens for s in samples]}, 0
         if method == "sc":
-            parsed = [parse(s.text) for s in samples]
+            parsed = [_parse(s.text) for s in samples]
             chosen, groups = _vote(parsed)
             stats.update(answers=[_answer_string(p) for p in parsed], groups=groups)
         elif method == "bon":
@@ -407,7 +413,7 @@ def beside(output: Path, what: str) -> Path:
 def read_records(path: Path) -> tuple[list[dict], bool]:
     """The records of an output file, and whether it ends cleanly. A kill while a record was being written
     leaves a cut-off last line: that record is dropped (and done again); any other bad line is an error."""
-    text = read_text(path) or ""
+    text = read_text(path, errors="replace") or ""  # a kill may cut the last line inside a character too
     lines, clean, records = text.split("\n"), text == "" or text.endswith("\n"), []
     for lineno, line in enumerate(lines, 1):
         try:
@@ -458,7 +464,13 @@ def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         if exclusive:
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (exFAT, some SMB or FUSE mounts): exclusive, though not atomic
+                with path.open("x", encoding="utf-8") as f:
+                    f.write(text)
         else:
             os.replace(tmp, path)
     finally:
@@ -548,8 +560,9 @@ def settings_on_record(output: Path, files: list[Path], refusal: str) -> tuple[d
     return reference, records
 
 
-def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> None:
-    """Refuse, changing nothing, unless this run's settings are those on record for `output`.
+def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> list[dict]:
+    """Refuse, changing nothing, unless this run's settings are those on record for `output`; else return the
+    records of `output` and its shard files (all of the same settings).
 
     The first run (or shard) on an output writes every method's settings to the manifest, so that a method
     added later is checked too; an output from before manifests keeps its records' settings there. Of shards
@@ -557,16 +570,17 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
     """
     path = beside(output, "manifest")
     for attempt in range(2):  # a second look when another shard wrote the manifest while this one looked
-        reference = settings_on_record(output, [output, *rank_files(output)], "pick another --output")[0]
+        reference, records = settings_on_record(output, [output, *rank_files(output)], "pick another --output")
         for method in [m for m in methods if m in reference]:
             if c := conflict(reference[method][0], settings[method]):
                 raise InputError(f"{reference[method][1]} was written by a run with other settings ({c[0]}: "
                                  f"{c[1]!r} in the file, {c[2]!r} now); pick another --output or use the same options")
         if not write or any(where == path for _, where in reference.values()):
-            return
+            return records
         manifest = {**settings, **{method: found for method, (found, _) in reference.items()}}
         try:
-            return write_atomically(path, json.dumps({"settings": manifest}, indent=1) + "\n", exclusive=True)
+            write_atomically(path, json.dumps({"settings": manifest}, indent=1) + "\n", exclusive=True)
+            return records
         except FileExistsError:  # another shard got there first: compare with its manifest instead
             continue
     raise InputError(f"{path}: exists but cannot be read (a broken link?); remove it")
@@ -650,10 +664,16 @@ def evaluate(args) -> int:
 
     # Refuse before anything is loaded or changed. The manifest is written once the models have loaded, so
     # that a typo in --model leaves none behind; agreeing again compares with a shard that wrote it meanwhile.
-    agree_on_settings(output, settings, methods, write=False)
+    records = agree_on_settings(output, settings, methods, write=False)
     with exclusive_lock(path):
         done, untidy = finished_records(path)
         keys = {(p.id, m) for p in problems if p.index % shards == shard for m in methods}
+        # Results of this shard that the output's other files hold (a merge, a run of another shard count) are
+        # copied into its file, not done again.
+        found = {k: r for k, r in best_records(records).items() if k in keys and k not in done and not r.get("error")}
+        if found:
+            done, untidy = {**done, **found}, True
+            tqdm.write(f"{path}: {len(found)} results taken from the output's other files", file=sys.stderr)
         todo = [(p, m) for p in problems if p.index % shards == shard for m in methods if (p.id, m) not in done]
         models = None
         if todo:
@@ -804,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=20, help="top-k of every sample, rollout and redraw (0: none); 20 "
                    "is Qwen2.5-7B-Instruct's generation config, which the authors' runs fell back to")
     p.add_argument("--batch-size", type=int, default=1, help="greedy, sc and bon: problems per generate call, "
-                   "left-padded; sc and bon seed a batch as one, so their draws depend on the batching")
+                   "left-padded; sc and bon seed a batch as one and bf16 rounds padded shapes differently, so "
+                   "answers depend on the batching (greedy ones in fp32 do not)")
     p.add_argument("--compile", action="store_true",
                    help="a static KV cache for every generate call, which transformers compiles on a GPU")
     p.add_argument("--output", default="results/math500.jsonl", help="JSON Lines results; re-running resumes")

@@ -119,6 +119,8 @@ def test_grader_accepts_every_math500_gold_answer_and_rejects_another_problems_a
     ("\\boxed{\\text{odd}}", "\\text{even}", False),
     ("\\boxed{91}", "90^\\circ", False),
     ("no answer here", "5", False),
+    ("\\boxed{10\\,080}", "10,\\!080", True),  # a thin space between digit groups, not a product
+    ("\\boxed{1\\,000}", "0", False),         # math-verify alone reads 1\\,000 as 1 · 000 = 0
 ])
 def test_equivalent_forms(response, gold, expected):
     assert em.is_correct(response, gold) is expected
@@ -457,6 +459,13 @@ def test_only_the_last_line_may_be_cut_off_and_a_record_has_a_string_id(tmp_path
         em.read_records(path)
 
 
+def test_a_record_cut_off_inside_a_character_is_dropped_like_any_cut_off_record(tmp_path):
+    path, record = tmp_path / "out.jsonl", {"id": "a", "method": "greedy", "response": "π ≤ 4", "error": None}
+    line = em._to_json(record).encode()
+    path.write_bytes(line + b"\n" + line[:line.index("≤".encode()) + 1])  # a kill inside the UTF-8 of ≤
+    assert em.finished_records(path) == ({("a", "greedy"): record}, True)
+
+
 def test_only_a_file_with_more_than_its_finished_results_needs_tidying(tmp_path):
     assert em.finished_records(tmp_path / "none.jsonl") == ({}, False)
     (tmp_path / "empty.jsonl").write_text("")
@@ -473,6 +482,17 @@ def test_write_atomically_leaves_no_temporary_file(tmp_path):
         em.write_atomically(tmp_path / "m.json", "c", exclusive=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "s.json"]
     assert (tmp_path / "m.json").read_text() == "a"
+
+
+def test_an_exclusive_write_without_hard_links_still_creates_the_file_once(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")  # what vfat and exFAT say
+
+    monkeypatch.setattr(em.os, "link", no_links)
+    em.write_atomically(tmp_path / "m.json", "a", exclusive=True)
+    with pytest.raises(FileExistsError):
+        em.write_atomically(tmp_path / "m.json", "b", exclusive=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"] and (tmp_path / "m.json").read_text() == "a"
 
 
 def test_a_field_only_one_side_has_is_a_conflict():
@@ -501,6 +521,22 @@ def test_a_finished_run_does_not_load_the_models_again(model_dirs, tmp_path, mon
     assert run(model_dirs, out, limit=1) == 0
     monkeypatch.setattr(em, "load_models", lambda *a, **k: pytest.fail("nothing is left to solve"))
     assert run(model_dirs, out, limit=1) == 0
+
+
+def test_a_run_of_another_shard_count_takes_the_results_the_outputs_other_files_hold(model_dirs, tmp_path,
+                                                                                     monkeypatch):
+    out, real_solve, solved = tmp_path / "math500.jsonl", em.solve, []
+    assert run(model_dirs, out, "--shard", "0/2") == 0  # problems 0 and 2, then the run is stopped
+    shard = read_jsonl(tmp_path / "math500.rank0.jsonl")
+    monkeypatch.setattr(em, "solve", lambda method, prompts, *a, **k: solved.extend(prompts) or real_solve(
+        method, prompts, *a, **k))
+    assert run(model_dirs, out) == 0  # on one GPU now: only problem 1 is left to solve
+    assert len(solved) == 1 and [r["index"] for r in read_jsonl(out)] == [0, 2, 1]
+    assert read_jsonl(out)[:2] == shard
+    monkeypatch.setattr(em, "load_models", lambda *a, **k: pytest.fail("nothing is left to solve"))
+    for i in range(3):  # and on three: every shard finds its results in the output
+        assert run(model_dirs, out, "--shard", f"{i}/3") == 0
+    assert sorted(r["index"] for r in read_jsonl(out)) == [0, 1, 2] and len(solved) == 1
 
 
 def test_an_unsharded_run_summarises_its_own_problems_and_merges_nothing(model_dirs, tmp_path):
