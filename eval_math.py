@@ -227,7 +227,8 @@ def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaC
     Several prompts are left-padded into one batch; greedy answers are the same as one at a time in fp32 (in
     bf16 the padded shapes round differently, and an answer may change).
     """
-    lm, tokenizer, eos = models.lm, models.lm_tokenizer, eos_token_ids(models.lm)
+    lm, tokenizer = models.lm, models.lm_tokenizer
+    eos = eos_token_ids(lm, tokenizer)
     sampling = draft_sampling(lm, tokenizer, config)  # rollout_temperature=0: greedy
     generation = GenerationConfig(**sampling, num_return_sequences=n, max_new_tokens=config.max_new_tokens,
                                   cache_implementation="static" if config.fast_rollout else None)

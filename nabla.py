@@ -105,18 +105,25 @@ def align_vocab(lm_tokenizer, rm_tokenizer, lm_vocab_rows: int, min_overlap: flo
     return rm_ids
 
 
-def eos_token_ids(lm) -> list[int]:
-    """Every end-of-sequence id of the LM's generation config (Qwen2.5-Instruct has two)."""
+def eos_token_ids(lm, tokenizer=None) -> list[int]:
+    """Every end-of-sequence id of the LM's generation config (Qwen2.5-Instruct has two) and, given the tokenizer,
+    the special token that ends an assistant turn of its chat template, which a base model's config may lack."""
     eos = lm.generation_config.eos_token_id
     eos = lm.config.eos_token_id if eos is None else eos
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if getattr(tokenizer, "chat_template", None):  # the first token the template writes after an answer
+        turn = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "∇∇"}]
+        _, mark, after = tokenizer.apply_chat_template(turn, tokenize=False).rpartition("∇∇")
+        end = tokenizer(after, add_special_tokens=False).input_ids[:1] if mark else []
+        ids += [t for t in end if t in tokenizer.all_special_ids and t not in ids]
+    return ids
 
 
 def draft_sampling(lm, tokenizer, cfg: NablaConfig) -> dict:
     """`generate`'s settings for a draft. Every knob is explicit: an unset one is filled in from the model's
     generation config (e.g. Qwen's repetition_penalty=1.05) and would silently change the sampling. Greedy
     drafts get the global defaults, which greedy decoding ignores, so that the model's do not warn."""
-    eos, greedy = eos_token_ids(lm), cfg.rollout_temperature <= 0
+    eos, greedy = eos_token_ids(lm, tokenizer), cfg.rollout_temperature <= 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     return dict(do_sample=not greedy, temperature=1.0 if greedy else cfg.rollout_temperature,
                 top_p=1.0 if greedy else cfg.rollout_top_p, top_k=50 if greedy else cfg.rollout_top_k,
@@ -422,7 +429,7 @@ class NablaReasoner:
             raise ValueError("the LM's input and output vocabularies differ in size")
         lm.requires_grad_(False)  # frozen: see the class docstring
         self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm, lm_tokenizer, rm, rm_tokenizer
-        self.eos = set(eos_token_ids(lm))
+        self.eos = set(eos_token_ids(lm, lm_tokenizer))
         self.vocab_map = self._rm_id = None
         if rm is not None:
             _require_chat_template(rm_tokenizer, "reward model")

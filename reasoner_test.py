@@ -1,4 +1,5 @@
 """Tests of nabla.py on tiny models built in-process (tiny.py); CPU, fp32."""
+import copy
 import gc
 import math
 import warnings
@@ -845,6 +846,18 @@ def test_drafts_use_the_rollout_settings_and_every_end_of_sequence_id(tok, lm):
     assert sampling["eos_token_id"] == eos_token_ids(lm) and len(sampling["eos_token_id"]) == 2
     assert sampling["repetition_penalty"] == 1.0
     assert not nabla.draft_sampling(lm, tok, replace(cfg, rollout_temperature=0))["do_sample"]
+
+
+def test_a_base_models_drafts_also_end_where_the_chat_template_ends_a_turn(tok, lm):
+    base, end_of_text, end_of_turn = copy.deepcopy(lm), tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    base.generation_config.eos_token_id = end_of_text  # Qwen2.5-7B (base) lists <|endoftext|> only
+    assert eos_token_ids(base) == [end_of_text]
+    assert eos_token_ids(base, tok) == [end_of_text, end_of_turn]
+    assert nabla.draft_sampling(base, tok, NablaConfig())["eos_token_id"] == [end_of_text, end_of_turn]
+    assert NablaReasoner(base, tok).eos == {end_of_text, end_of_turn}
+    plain = copy.deepcopy(tok)
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # closes no turn: adds nothing
+    assert eos_token_ids(base, plain) == [end_of_text]
 
 
 def test_selection_finds_the_first_big_gradient_past_the_first_chunk():
