@@ -539,6 +539,17 @@ def test_a_run_of_another_shard_count_takes_the_results_the_outputs_other_files_
     assert sorted(r["index"] for r in read_jsonl(out)) == [0, 1, 2] and len(solved) == 1
 
 
+def test_a_failed_problem_in_another_file_is_solved_again_not_copied(model_dirs, tmp_path, monkeypatch):
+    out, real_solve = tmp_path / "math500.jsonl", em.solve
+    monkeypatch.setattr(em, "solve", lambda *a, **k: 1 / 0)
+    assert run(model_dirs, out, "--shard", "0/2") == 0
+    failed = read_jsonl(tmp_path / "math500.rank0.jsonl")
+    assert [r["error"] for r in failed] == ["ZeroDivisionError: division by zero"] * 2
+    monkeypatch.setattr(em, "solve", real_solve)
+    assert run(model_dirs, out) == 0
+    assert [(r["index"], r["error"]) for r in read_jsonl(out)] == [(0, None), (1, None), (2, None)]
+
+
 def test_an_unsharded_run_summarises_its_own_problems_and_merges_nothing(model_dirs, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run(model_dirs, out, limit=2) == 0
