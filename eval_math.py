@@ -159,11 +159,9 @@ def _equivalent(reference: list, candidate: list) -> bool:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a response, as written; None if it has none.
-
-    math-verify's reading: the \\boxed{} answer (several boxed answers are read together, as when a model
-    boxes each root), else a "final answer is" expression, else the last expression in math mode.
-    """
+    """The final answer of a response, as written; None if it has none. math-verify's reading: the \\boxed{}
+    answer (several are read together, as when a model boxes each root), else a "final answer is" expression,
+    else the last expression in math mode."""
     return _answer_string(_parse(text))
 
 
@@ -207,10 +205,9 @@ class Models:
 
     def reasoner(self, config: NablaConfig) -> NablaReasoner:
         """∇-Reasoner on these models, built once per config: building one aligns two vocabularies."""
-        if repr(config) not in self.reasoners:
-            self.reasoners[repr(config)] = NablaReasoner(self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer,
-                                                         config)
-        return self.reasoners[repr(config)]
+        if (key := repr(config)) not in self.reasoners:
+            self.reasoners[key] = NablaReasoner(self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer, config)
+        return self.reasoners[key]
 
 
 @dataclass
@@ -222,11 +219,9 @@ class Sample:
 
 
 def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaConfig) -> list[list[Sample]]:
-    """N responses to each prompt from one `generate` call (num_return_sequences=N), seeded locally.
-
-    Several prompts are left-padded into one batch; greedy answers are the same as one at a time in fp32 (in
-    bf16 the padded shapes round differently, and an answer may change).
-    """
+    """N responses to each prompt from one `generate` call (num_return_sequences=N), seeded locally. Several
+    prompts are left-padded into one batch; greedy answers are the same as one at a time in fp32 (in bf16 the
+    padded shapes round differently, and an answer may change)."""
     lm, tokenizer = models.lm, models.lm_tokenizer
     eos = eos_token_ids(lm, tokenizer)
     sampling = draft_sampling(lm, tokenizer, config)  # rollout_temperature=0: greedy
@@ -275,10 +270,9 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
     "generated_tokens", "wall_time_s", "stats"} each.
 
     n: samples for sc and bon, rollout budget (max_rollouts) for nabla; greedy ignores it. config: the length
-    limit and sampling of every method, and all of ∇-Reasoner's settings. greedy, sc and bon sample all prompts
-    in one batch seeded with `seed` (so sc and bon draw differently than one at a time; greedy only in bf16);
-    ∇-Reasoner answers them one after another. For sc the response is the first sample whose answer won.
-    """
+    limit and sampling of every method, and ∇-Reasoner's settings. greedy, sc and bon sample all prompts in one
+    batch seeded with `seed` (so sc and bon draw differently than one at a time; greedy only in bf16); nabla
+    answers them one after another. For sc the response is the first sample whose answer won."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if n < 1:
@@ -289,12 +283,10 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
     if method in ("sc", "bon") and config.rollout_temperature <= 0 and n > 1:
         raise ValueError(f"{method} with n > 1 needs sampling (rollout_temperature > 0): greedy samples are all alike")
     if method == "nabla":
-        reasoner, results = models.reasoner(dataclasses.replace(config, max_rollouts=n)), []
-        for prompt in prompts:
-            out = reasoner.generate(prompt, seed=seed)
-            results.append({"response": out.text, "stats": out.stats, **{k: out.stats[k] for k in (
-                "model_calls", "forward_token_equivalents", "generated_tokens", "wall_time_s")}})
-        return results
+        reasoner = models.reasoner(dataclasses.replace(config, max_rollouts=n))
+        outs = [reasoner.generate(prompt, seed=seed) for prompt in prompts]
+        return [{"response": out.text, "stats": out.stats, **{k: out.stats[k] for k in (
+            "model_calls", "forward_token_equivalents", "generated_tokens", "wall_time_s")}} for out in outs]
     start = time.perf_counter()
     if method == "greedy":
         config, n = dataclasses.replace(config, rollout_temperature=0), 1
@@ -317,9 +309,8 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
             stats.update(rewards=mine)
         results.append({"response": samples[chosen].text, "model_calls": calls, "forward_token_equivalents": fte,
                         "generated_tokens": tokens, "stats": {**stats, "chosen": chosen}})
-    for r in results:  # one batch: its time is shared out evenly
-        r["wall_time_s"] = (time.perf_counter() - start) / len(results)
-    return results
+    seconds = (time.perf_counter() - start) / len(results)  # one batch: its time is shared out evenly
+    return [{**r, "wall_time_s": seconds} for r in results]
 
 
 def problem_seed(base_seed: int, index: int) -> int:
@@ -567,8 +558,7 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
 
     The first run (or shard) on an output writes every method's settings to the manifest, so that a method
     added later is checked too; an output from before manifests keeps its records' settings there. Of shards
-    started at once exactly one creates it (exclusively); the others compare with it.
-    """
+    started at once exactly one creates it (exclusively); the others compare with it."""
     path = beside(output, "manifest")
     for attempt in range(2):  # a second look when another shard wrote the manifest while this one looked
         reference, records = settings_on_record(output, [output, *rank_files(output)], "pick another --output")
@@ -579,11 +569,9 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
         if not write or any(where == path for _, where in reference.values()):
             return records
         manifest = {**settings, **{method: found for method, (found, _) in reference.items()}}
-        try:
+        with contextlib.suppress(FileExistsError):  # another shard may get there first: compare with its manifest
             write_atomically(path, json.dumps({"settings": manifest}, indent=1) + "\n", exclusive=True)
             return records
-        except FileExistsError:  # another shard got there first: compare with its manifest instead
-            continue
     raise InputError(f"{path}: exists but cannot be read (a broken link?); remove it")
 
 
@@ -625,8 +613,7 @@ def write_summary(output: Path, records: list[dict], config: dict) -> dict:
 
 def merge(output: Path, ranks: list[Path], config: dict | None = None, keys: set | None = None) -> dict:
     """Combine the shards' files (and what `output` holds) into `output` and its summary, if every record has
-    the settings on record; otherwise change nothing. With `keys`, the summary covers those (id, method) results
-    only."""
+    the settings on record; otherwise change nothing. With `keys`, the summary covers those (id, method) only."""
     settings_on_record(output, [output, *ranks], "nothing was merged")  # refuse before even a lock file exists
     with exclusive_lock(output):  # then read again, with no other run writing `output`
         reference, records = settings_on_record(output, [output, *ranks], "nothing was merged")
@@ -669,8 +656,7 @@ def evaluate(args) -> int:
     with exclusive_lock(path):
         done, untidy = finished_records(path)
         keys = {(p.id, m) for p in problems if p.index % shards == shard for m in methods}
-        # Results of this shard that the output's other files hold (a merge, a run of another shard count) are
-        # copied into its file, not done again.
+        # Results of this shard in the output's other files (a merge, a run of another shard count) are copied.
         found = {k: r for k, r in best_records(records).items() if k in keys and k not in done and not r.get("error")}
         if found:
             done, untidy = {**done, **found}, True
