@@ -115,7 +115,7 @@ def eos_token_ids(lm, tokenizer=None) -> list[int]:
         turn = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "∇∇"}]
         _, mark, after = tokenizer.apply_chat_template(turn, tokenize=False).rpartition("∇∇")
         end = tokenizer(after, add_special_tokens=False).input_ids[:1] if mark else []
-        ids += [t for t in end if t in tokenizer.all_special_ids and t not in ids]
+        ids += [t for t in end if getattr(tokenizer.added_tokens_decoder.get(t), "special", False) and t not in ids]
     return ids
 
 

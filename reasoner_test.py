@@ -855,9 +855,11 @@ def test_a_base_models_drafts_also_end_where_the_chat_template_ends_a_turn(tok, 
     assert eos_token_ids(base, tok) == [end_of_text, end_of_turn]
     assert nabla.draft_sampling(base, tok, NablaConfig())["eos_token_id"] == [end_of_text, end_of_turn]
     assert NablaReasoner(base, tok).eos == {end_of_text, end_of_turn}
-    plain = copy.deepcopy(tok)
-    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # closes no turn: adds nothing
-    assert eos_token_ids(base, plain) == [end_of_text]
+    other = copy.deepcopy(tok)
+    for template in ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}",  # a turn ends with a newline
+                     "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}"):  # no content
+        other.chat_template = template
+        assert eos_token_ids(base, other) == [end_of_text]
 
 
 def test_selection_finds_the_first_big_gradient_past_the_first_chunk():
