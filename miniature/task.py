@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from nabla import chat_prompt_ids
+from nabla import chat_prompt_ids, eos_token_ids
 from tiny import char_tokenizer
 
 MAX_ABS = 99  # every intermediate value has at most two digits, so each step is a times-table or 2-digit sum
@@ -139,7 +139,7 @@ def sample(lm, tok, prompts: list[str], temperature: float, n: int = 1, max_new_
 
 
 def _sample(lm, tok, prompts, temperature, n, max_new_tokens) -> list[str]:
-    eos = set(lm.generation_config.eos_token_id)
+    eos = set(eos_token_ids(lm, tok))
     out, groups = [None] * (len(prompts) * n), {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)

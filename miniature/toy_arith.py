@@ -43,8 +43,8 @@ import torch
 
 # nabla.py, eval_math.py and tiny.py are at the repository root, a folder up from this script
 sys.path.append(str(Path(__file__).resolve().parent.parent))
-from nabla import (NablaConfig, Prefix, ahead_loss_and_grads, align_vocab, chat_prompt_ids, dto, onehot_grads,
-                   reward_ids, reward_template, score, token_entropy)
+from nabla import (NablaConfig, Prefix, ahead_loss_and_grads, align_vocab, chat_prompt_ids, dto, eos_token_ids,
+                   onehot_grads, reward_ids, reward_template, score, token_entropy)
 from task import Problem, held_out_problems, ids_of, sample
 from train import QUICK, TrainSettings, load_or_train, reward_quality
 
@@ -79,7 +79,7 @@ def draft_sites(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: in
     ‖∂L/∂one-hot‖₂, the three quantities token selection compares with its thresholds.
     """
     vocab_map = align_vocab(tok, tok, lm.get_input_embeddings().weight.shape[0])
-    eos = set(lm.generation_config.eos_token_id)
+    eos = set(eos_token_ids(lm, tok))
     texts = sample(lm, tok, [p.prompt for p in problems], cfg.rollout_temperature, max_new_tokens=cfg.max_new_tokens,
                    seed=seed + 2)
     sites, tokens = [], dict(top=[], entropy=[], norm=[])
@@ -116,7 +116,7 @@ def run_dto(lm, rm, tok, site: Site, cfg: NablaConfig, use_first: bool = True):
     the drafted token. Returns the optimized logits, the number of full passes of both models, and the
     gradient ∂L/∂one-hot at the drafted token (what token selection computed)."""
     vocab_map = align_vocab(tok, tok, lm.get_input_embeddings().weight.shape[0])
-    eos = set(lm.generation_config.eos_token_id)
+    eos = set(eos_token_ids(lm, tok))
 
     def full_grad(token: int) -> torch.Tensor:
         step = ahead_loss_and_grads(lm, rm, vocab_map, site.prefix, [token] + site.rest, cfg, eos)
@@ -177,7 +177,7 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
     does the reward model itself score the draft higher with the right token swapped in?
     """
     sites, tokens = draft_sites(lm, rm, tok, problems, cfg, seed)
-    eos = set(lm.generation_config.eos_token_id)
+    eos = set(eos_token_ids(lm, tok))
     text = lambda ids: tok.decode([t for t in ids if t not in eos])
     rows = []
     for s in (s for s in sites if s.kind == "mistake"):
