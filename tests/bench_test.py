@@ -60,8 +60,17 @@ def test_selection_reuse_count_is_what_withholding_it_costs(rollout_temperature,
         assert count["reused"] == count["offered"]
 
 
-def test_main_prints_a_table_then_one_json_line(capsys):
+def test_main_prints_a_table_then_one_json_line(capsys, monkeypatch):
+    made = []
+
+    class Recorded(nabla.NablaReasoner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(nabla, "NablaReasoner", Recorded)
     bench.main(["--size", "tiny", "--prompt", "6", "--committed", "10", "--ahead", "8", "--repeats", "1"])
+    assert len(made) == 4 and all(not r.eos and r.sampling["eos_token_id"] is None for r in made)  # full lengths
     lines = capsys.readouterr().out.strip().splitlines()
     record = json.loads(lines[-1])
     assert record["dto_step_speedup"] > 0 and record["grad_check_max_rel_err"] < 1e-4
