@@ -147,7 +147,8 @@ def _normalise(answer: str) -> str:
 
 def _parse(text: str) -> list:
     """math-verify's reading, after removing thin spaces between digit groups: it reads 1\\,000 as 1 · 000."""
-    return parse(re.sub(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))", "", text))
+    grouped = r"(?<![\^_\d])\d{1,3}(?:\\[,;: ]\d{3})+(?!\d)"  # not an exponent's or a subscript's digits
+    return parse(re.sub(grouped, lambda number: re.sub(r"\\[,;: ]", "", number[0]), text))
 
 
 def _equivalent(reference: list, candidate: list) -> bool:
@@ -405,11 +406,13 @@ def beside(output: Path, what: str) -> Path:
 def read_records(path: Path) -> tuple[list[dict], bool]:
     """The records of an output file, and whether it ends cleanly. A kill while a record was being written
     leaves a cut-off last line: that record is dropped (and done again); any other bad line is an error."""
-    text = read_text(path, errors="replace") or ""  # a kill may cut the last line inside a character too
+    # A kill may cut the last line inside a character too: bytes that are not UTF-8 stay lone surrogates here,
+    # which encode() refuses, so such a line is bad like any other (and dropped only if it is the cut-off one).
+    text = read_text(path, errors="surrogateescape") or ""
     lines, clean, records = text.split("\n"), text == "" or text.endswith("\n"), []
     for lineno, line in enumerate(lines, 1):
         try:
-            record = json.loads(line) if line.strip() else None
+            record = json.loads(line.encode()) if line.strip() else None
             if record is not None and not (isinstance(record, dict) and isinstance(record.get("id"), str)
                                            and record.get("method") in METHODS
                                            and isinstance(record.get("settings") or {}, dict)):
@@ -448,7 +451,9 @@ def _to_json(record: dict) -> str:
 
 def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
     """Write a whole file so that a reader, a kill or a power cut never leaves half of it. exclusive: raise
-    FileExistsError if the file exists (a hard link, unlike a rename, never replaces a file)."""
+    FileExistsError if the file exists (a hard link, unlike a rename, never replaces a file). Where there are
+    no hard links (exFAT, some SMB or FUSE mounts) that is a plain exclusive create, which a reader or a kill
+    can catch half-written: read_manifest then says to delete the file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and machines
     try:
         with tmp.open("x", encoding="utf-8") as f:
@@ -460,7 +465,7 @@ def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
                 os.link(tmp, path)
             except FileExistsError:
                 raise
-            except OSError:  # no hard links here (exFAT, some SMB or FUSE mounts): exclusive, though not atomic
+            except OSError:  # no hard links here: exclusive, though not atomic
                 with path.open("x", encoding="utf-8") as f:
                     f.write(text)
         else:

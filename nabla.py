@@ -108,14 +108,14 @@ def align_vocab(lm_tokenizer, rm_tokenizer, lm_vocab_rows: int, min_overlap: flo
 def eos_token_ids(lm, tokenizer=None) -> list[int]:
     """Every end-of-sequence id of the LM's generation config (Qwen2.5-Instruct has two) and, given the tokenizer,
     the special token that ends an assistant turn of its chat template, which a base model's config may lack."""
-    eos = lm.generation_config.eos_token_id
-    eos = lm.config.eos_token_id if eos is None else eos
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if getattr(tokenizer, "chat_template", None):  # the first token the template writes after an answer
+    eos = next((e for e in (lm.generation_config.eos_token_id, lm.config.eos_token_id) if e is not None), [])
+    ids = [eos] if isinstance(eos, int) else list(eos)
+    if getattr(tokenizer, "chat_template", None):  # the first special token the template writes after an answer
         turn = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "∇∇"}]
         _, mark, after = tokenizer.apply_chat_template(turn, tokenize=False).rpartition("∇∇")
-        end = tokenizer(after, add_special_tokens=False).input_ids[:1] if mark else []
-        ids += [t for t in end if getattr(tokenizer.added_tokens_decoder.get(t), "special", False) and t not in ids]
+        special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        end = [t for t in tokenizer(after, add_special_tokens=False).input_ids if mark and t in special][:1]
+        ids += [t for t in end if t not in ids]
     return ids
 
 

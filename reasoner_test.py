@@ -860,6 +860,8 @@ def test_a_base_models_drafts_also_end_where_the_chat_template_ends_a_turn(tok, 
                      "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}"):  # no content
         other.chat_template = template
         assert eos_token_ids(base, other) == [end_of_text]
+    other.chat_template = "{% for m in messages %}{{ m['content'] }} <|im_end|>{% endfor %}"  # text, then the end
+    assert eos_token_ids(base, other) == [end_of_text, end_of_turn]
 
 
 def test_selection_finds_the_first_big_gradient_past_the_first_chunk():

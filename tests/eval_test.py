@@ -121,6 +121,7 @@ def test_grader_accepts_every_math500_gold_answer_and_rejects_another_problems_a
     ("no answer here", "5", False),
     ("\\boxed{10\\,080}", "10,\\!080", True),  # a thin space between digit groups, not a product
     ("\\boxed{1\\,000}", "0", False),         # math-verify alone reads 1\\,000 as 1 · 000 = 0
+    ("\\boxed{2^3\\,125}", "1000", True),     # ...which is right after an exponent: 2³ · 125
 ])
 def test_equivalent_forms(response, gold, expected):
     assert em.is_correct(response, gold) is expected
@@ -193,6 +194,17 @@ def test_a_sample_ends_at_its_end_of_sequence_token_which_counts_as_generated(to
     stopping_lm.generation_config.eos_token_id = [tok.convert_tokens_to_ids(first.scored_text[0])]
     stopped = em.sample(em.Models(stopping_lm, tok), [Q], 1, seed=0, config=config)[0][0]
     assert first.tokens == 6 and (stopped.tokens, stopped.text) == (1, "")  # the greedy first token, now the end
+
+
+def test_a_base_models_sample_ends_where_the_chat_template_ends_a_turn(tok, lm):
+    base, end_of_turn = copy.deepcopy(lm), tok.convert_tokens_to_ids("<|im_end|>")
+    base.generation_config.eos_token_id = tok.pad_token_id  # Qwen2.5-7B (base) lists <|endoftext|> only
+    with torch.no_grad():  # make <|im_end|> the greedy first token
+        h = base.model(torch.tensor([em.chat_prompt_ids(tok, Q)])).last_hidden_state[0, -1]
+        base.lm_head.weight[end_of_turn] = 100 * h / h.norm()
+    config = em.NablaConfig(max_new_tokens=6, rollout_temperature=0)
+    out = em.sample(em.Models(base, tok), [Q], 1, seed=0, config=config)
+    assert (out[0][0].tokens, out[0][0].text, out[0][0].scored_text) == (1, "", "")  # the RM reads no <|im_end|>
 
 
 def test_a_batch_shares_its_time_out_evenly(tok, lm, monkeypatch):
@@ -464,6 +476,9 @@ def test_a_record_cut_off_inside_a_character_is_dropped_like_any_cut_off_record(
     line = em._to_json(record).encode()
     path.write_bytes(line + b"\n" + line[:line.index("≤".encode()) + 1])  # a kill inside the UTF-8 of ≤
     assert em.finished_records(path) == ({("a", "greedy"): record}, True)
+    path.write_bytes(line.replace("π".encode(), b"\xcf") + b"\n" + line + b"\n")  # not UTF-8, not the last line
+    with pytest.raises(em.InputError, match="line 1: not a result record"):
+        em.read_records(path)
 
 
 def test_only_a_file_with_more_than_its_finished_results_needs_tidying(tmp_path):
