@@ -24,7 +24,7 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForSequenceClassification
 
 import nabla
-from tiny import make_tokenizer, vocab_chars
+from tiny import CHAT_TEMPLATE, make_tokenizer, vocab_chars
 
 
 def qwen(hidden, ffn, layers, heads, kv_heads, vocab, **extra) -> dict:
@@ -44,9 +44,6 @@ SHAPES = {
 # Dense bf16 peak (TFLOP/s) and memory bandwidth (TB/s) by device name; the first match wins.
 GPU_PEAKS = [("H200", 989, 4.8), ("H100 PCIe", 756, 2.0), ("H100 NVL", 835, 3.9), ("H100", 989, 3.35), ("A100", 312, 2)]
 PROMPT = "Find the sum of all positive divisors of 36. Reason step by step, then give the final answer."
-# Turns end in plain text: no token of the template stops a rollout (nabla.eos_token_ids), each runs to its limit.
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant: {% endif %}")
 STEP_LABELS = dict(authors="authors': full recompute, full-vocab logits, [A x V] one-hot",
                    ahead_logits="+ vocabulary logits for the ahead span only",
                    prefix_cache="+ prefix KV caches: only the ahead span runs",
@@ -253,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. A real generate run: the paper's settings but grad_norm_threshold=0 (random weights give tiny gradients).
     max_new, answers = shape["gen"]
+    # Turns end in plain text: no token of the template stops a rollout (nabla.eos_token_ids), all run to the limit.
     tok = make_tokenizer(vocab_chars(min(lm.config.vocab_size, rm.config.vocab_size) - 3),  # + 3 special tokens
-                         chat_template=TEMPLATE)
+                         chat_template=CHAT_TEMPLATE.replace("<|im_end|>", ""))
     reasoner = nabla.NablaReasoner(lm, tok, rm, tok, nabla.NablaConfig(max_new_tokens=max_new, grad_norm_threshold=0.0))
     with counting_selection_reuse() as reuse:
         runs = [reasoner.generate(PROMPT, seed=seed).stats for seed in range(answers)]
