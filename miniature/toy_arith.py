@@ -434,7 +434,7 @@ def print_bracket(res: dict, ns: tuple) -> None:
           f"\n  greedy                                  {g[0]:6.1%} ± {g[1]:.1%}"
           f"\n  best-of-{top} with the reward model          {b[0]:6.1%} ± {b[1]:.1%}"
           f"\n  pass@{top}: some sample right (a perfect selector) {p[0]:6.1%} ± {p[1]:.1%}"
-          f"\n  (the paper's objective cannot be maximized by enumeration here: chains have up to 31 characters)")
+          f"\n  (the paper's objective cannot be maximized by enumeration here: chains have up to 37 characters)")
 
 
 def curves(results: dict, ns: tuple) -> dict:
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"sample of the same problem {quality['right_vs_wrong']} (target 0.90); top-scored of 8 samples right "
               f"when some is {quality['top_is_right']}")
 
-        # The paper's settings but the length limit: chains here have at most 31 characters (the untrained
+        # The paper's settings but the length limit: chains here have at most 37 characters (the untrained
         # models of --quick babble until the limit, so there it is shorter).
         paper = NablaConfig(max_new_tokens=16 if args.quick else 48)
         print(f"\nchoosing ∇-Reasoner's lr and grad_norm_threshold on {n_tune} validation problems (N={ns[-1]}):")
