@@ -35,7 +35,7 @@ from math_verify import parse, verify
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-from nabla import NablaConfig, NablaReasoner, chat_prompt_ids, draft_sampling, eos_token_ids, reward_head, reward_ids
+from nabla import NablaConfig, NablaReasoner, chat_prompt_ids, draft_sampling, reward_head, reward_ids
 
 METHODS = ("greedy", "sc", "bon", "nabla")
 NEEDS_REWARD_MODEL = ("bon", "nabla")
@@ -224,8 +224,8 @@ def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaC
     prompts are left-padded into one batch; greedy answers are the same as one at a time in fp32 (in bf16 the
     padded shapes round differently, and an answer may change)."""
     lm, tokenizer = models.lm, models.lm_tokenizer
-    eos = eos_token_ids(lm, tokenizer)
     sampling = draft_sampling(lm, tokenizer, config)  # rollout_temperature=0: greedy
+    eos = set(sampling["eos_token_id"] or ())
     generation = GenerationConfig(**sampling, num_return_sequences=n, max_new_tokens=config.max_new_tokens,
                                   cache_implementation="static" if config.fast_rollout else None)
     rows = [chat_prompt_ids(tokenizer, p) for p in prompts]

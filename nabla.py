@@ -429,7 +429,6 @@ class NablaReasoner:
             raise ValueError("the LM's input and output vocabularies differ in size")
         lm.requires_grad_(False)  # frozen: see the class docstring
         self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm, lm_tokenizer, rm, rm_tokenizer
-        self.eos = set(eos_token_ids(lm, lm_tokenizer))
         self.vocab_map = self._rm_id = None
         if rm is not None:
             _require_chat_template(rm_tokenizer, "reward model")
@@ -441,6 +440,7 @@ class NablaReasoner:
             vocab_map[vocab_map >= rm.get_input_embeddings().weight.shape[0]] = -1
             self.vocab_map, self._rm_id = vocab_map.to(lm.device), vocab_map.tolist()
         self.sampling = draft_sampling(lm, lm_tokenizer, cfg)
+        self.eos = set(self.sampling["eos_token_id"] or ())  # the drafts' stop tokens
         self._w_out = None  # fp32 copy of the output head, made once, for optimization in latent space
         self._static = None  # the static KV cache of fast rollouts, allocated once and refilled per rollout
         self._warned = False
