@@ -89,7 +89,8 @@ def load_problems(path: Path) -> list[Problem]:
     if (text := read_text(path)) is None:
         raise InputError(f"data file not found: {path}")
     array = text.lstrip().startswith("[")
-    chunks = [(1, text)] if array else [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # Lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() would split at.
+    chunks = [(1, text)] if array else [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     rows, problems = [], {}
     for lineno, chunk in chunks:
         try:
@@ -146,8 +147,10 @@ def _normalise(answer: str) -> str:
 
 
 def _parse(text: str) -> list:
-    """math-verify's reading, after removing thin spaces between digit groups: it reads 1\\,000 as 1 · 000."""
+    """math-verify's reading, after removing thin spaces between digit groups (it reads 1\\,000 as 1 · 000) and
+    writing degrees as ^\\circ (it reads neither ° nor \\degree)."""
     grouped = r"(?<![\^_\d])\d{1,3}(?:\\[,;: ]\d{3})+(?!\d)"  # not an exponent's or a subscript's digits
+    text = re.sub(r"°|\\degree(?![A-Za-z])", r"^\\circ", text)
     return parse(re.sub(grouped, lambda number: re.sub(r"\\[,;: ]", "", number[0]), text))
 
 
@@ -321,14 +324,18 @@ def problem_seed(base_seed: int, index: int) -> int:
 
 # Loading models ------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":  # torchrun and accelerate launch start a process per GPU and say which in LOCAL_RANK
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # torchrun and accelerate launch start a process per GPU and say which in LOCAL_RANK
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise InputError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index >= (count := torch.cuda.device_count()):
+        raise InputError(f"--device {name}: no such GPU; this machine has {count} (cuda:0 to cuda:{count - 1})")
     return device
 
 

@@ -122,6 +122,9 @@ def test_grader_accepts_every_math500_gold_answer_and_rejects_another_problems_a
     ("\\boxed{10\\,080}", "10,\\!080", True),  # a thin space between digit groups, not a product
     ("\\boxed{1\\,000}", "0", False),         # math-verify alone reads 1\\,000 as 1 · 000 = 0
     ("\\boxed{2^3\\,125}", "1000", True),     # ...which is right after an exponent: 2³ · 125
+    ("$\\boxed{90°}$", "90^\\circ", True),   # math-verify reads neither ° nor \degree
+    ("\\boxed{30\\degree}", "30^\\circ", True),
+    ("\\boxed{90°}", "91^\\circ", False),
 ])
 def test_equivalent_forms(response, gold, expected):
     assert em.is_correct(response, gold) is expected
@@ -153,6 +156,13 @@ def test_data_files_as_aime_and_amc_ship_them(tmp_path):
     path.write_text('[{"prompt": "a", "answer": true, "id": "x"}]')
     with pytest.raises(em.InputError, match="entry 0: no 'answer'"):
         em.load_problems(path)
+
+
+def test_a_jsonl_line_ends_at_a_newline_only(tmp_path):
+    path = tmp_path / "data.jsonl"  # json.dumps(ensure_ascii=False) leaves these characters raw inside a string
+    path.write_text("".join(json.dumps({"problem": f"a{c}b", "answer": "1", "unique_id": c}, ensure_ascii=False) + "\n"
+                            for c in "\u2028\u2029\x85\x0c"), encoding="utf-8")
+    assert [p.problem for p in em.load_problems(path)] == [f"a{c}b" for c in "\u2028\u2029\x85\x0c"]
 
 
 def test_string_fallback_ignores_case_and_a_final_full_stop():
@@ -641,7 +651,13 @@ def test_shards_and_devices_from_the_launchers_environment(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "9")  # on a second node the global rank is no GPU index
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert em.resolve_device("auto") == torch.device("cuda", 1)
+    assert em.resolve_device("cuda") == torch.device("cuda", 1)  # not every rank on GPU 0
+    assert em.resolve_device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")  # more processes than GPUs
+    with pytest.raises(em.InputError, match="cuda:2: no such GPU; this machine has 2"):
+        em.resolve_device("auto")
 
 
 def test_methods_keep_their_order_without_repeats_or_spaces():
