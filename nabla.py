@@ -24,7 +24,7 @@ The file reads top to bottom in the order of the paper:
   select_position           token selection: skip confident tokens and tokens with small gradients
   lr_factor, dto            DTO itself: Adam with cosine decay on one position, with gradient caching
   sample_top_p, accept      redraw the optimized token; rejection sampling by the reward model
-  NablaReasoner.generate    the decoding loop: draft, select, optimize, redraw, roll out, accept
+  NablaReasoner._decode     the decoding loop: draft, select, optimize, redraw, roll out, accept
 
 Beyond the authors' release (VITA-Group/Nabla-Reasoner), each where it happens: both drafts of an
 acceptance test are scored as the same thing (score); a DTO step runs both models over the ahead span
@@ -279,7 +279,7 @@ def ahead_loss_and_grads(lm, rm, vocab_map: torch.Tensor | None, prefix: Prefix,
             remb = rm.get_input_embeddings()(rids.clamp(min=0)) * (rids >= 0)[:, None]  # tokens it lacks: zero
             remb = remb[None].detach().requires_grad_()
             rout = rm.base_model(inputs_embeds=remb, past_key_values=_cache(prefix.rm_kv), use_cache=True)
-            loss = loss - cfg.reward_coeff * reward_head(rm, rout.last_hidden_state[0, -1])
+            loss = loss - cfg.reward_coeff * reward_head(rm, rout.last_hidden_state[0, -1]).to(device)
             leaves.append(remb)
             rm_cache = rout.past_key_values
         grads = torch.autograd.grad(loss, leaves)

@@ -298,7 +298,10 @@ def test_rollout_budget_and_length_limit(tok, lm, rm, max_rollouts, max_new_toke
 
 def test_same_seed_same_output(tok, lm, rm):
     reasoner = NablaReasoner(lm, tok, rm, tok, FAST)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     a, b, c = (reasoner.generate(PROMPT, seed=s) for s in (7, 7, 8))
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is left as it was
     assert a.token_ids == b.token_ids and a.text == b.text and without_time(a.stats) == without_time(b.stats)
     assert a.token_ids != c.token_ids
 
@@ -322,7 +325,7 @@ def test_output_is_the_response_only(tok, lm, rm):
     eos = set(eos_token_ids(lm))
     assert not eos & set(out.token_ids)
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
-    assert "user" not in out.text or PROMPT not in out.text
+    assert "user" not in out.text and PROMPT not in out.text  # neither the template nor the prompt
 
 
 # ------------------------------------------------------------------------------------------ vocabularies
@@ -572,9 +575,12 @@ def test_redraw_samples_from_dto_output_with_the_redraw_settings(tok, lm, rm, mo
         assert torch.equal(logits, z) and not torch.equal(logits, z0)
 
 
-def test_dto_starts_from_the_selected_positions_logits_with_its_drafted_tokens_gradient(tok, lm, rm, monkeypatch):
-    """z0 is the LLM's log-probabilities at the selected position (checked against a plain forward pass),
-    and the gradient handed over from selection is the one of the drafted token there."""
+@pytest.mark.parametrize("space", ["logits", "latents"])
+def test_dto_starts_from_the_selected_positions_logits_with_its_drafted_tokens_gradient(tok, lm, rm, monkeypatch,
+                                                                                         space):
+    """z0 is the LLM's log-probabilities at the selected position (checked against a plain forward pass; in
+    latent space, the logits the hidden state z0 gives through the output head), and the gradient handed over
+    from selection is the one of the drafted token there."""
     seen, selections = [], []
     real_pass, real_select, real_dto = nabla.ahead_loss_and_grads, nabla.select_position, nabla.dto
 
@@ -593,17 +599,20 @@ def test_dto_starts_from_the_selected_positions_logits_with_its_drafted_tokens_g
         (ids, ahead), s = selections[-1]
         with torch.no_grad():
             logits = lm(torch.tensor([ids + ahead])).logits[0, len(ids) - 1 + s]
-        torch.testing.assert_close(z0, logits.log_softmax(-1), rtol=0, atol=1e-4)
+        z = to_logits(z0.float())
+        torch.testing.assert_close(z if space == "logits" else z.log_softmax(-1), logits.log_softmax(-1), rtol=0,
+                                   atol=1e-4)
         assert first[0] == ahead[s]
         torch.testing.assert_close(first[1], full_grad(first[0]), rtol=0, atol=1e-5)
-        checked["differs_from_argmax"] += int(z0.argmax()) != ahead[s]
+        checked["differs_from_argmax"] += int(z.argmax()) != ahead[s]
         return real_dto(z0, full_grad, cfg, first, to_logits)
 
     monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
     monkeypatch.setattr(nabla, "select_position", spy_select)
     monkeypatch.setattr(nabla, "dto", spy_dto)
     for seed in range(3):
-        NablaReasoner(lm, tok, rm, tok, replace(FAST, confidence_threshold=0.015)).generate(PROMPT, seed=seed)
+        NablaReasoner(lm, tok, rm, tok, replace(FAST, space=space, confidence_threshold=0.015)).generate(PROMPT,
+                                                                                                      seed=seed)
     assert checked["differs_from_argmax"] >= 1  # sampled drafts: the drafted token is not always the argmax
     assert any(s > 0 for _, s in selections)  # and selection sometimes skips tokens
 
@@ -644,6 +653,10 @@ def test_selection_thresholds_at_their_boundaries():
     assert s == 0 and torch.equal(g, grad[0])
     assert select_position(step, replace(cfg, confidence_threshold=0.4999), lambda pos: grad) == (None, None)
     assert select_position(step, replace(cfg, grad_norm_threshold=5.0001), lambda pos: grad) == (None, None)
+    entropy = token_entropy(step.logp)[0].item()  # with the entropy rule, a token exactly at it is optimized too
+    cfg = NablaConfig(entropy_threshold=entropy, grad_norm_threshold=0.0)
+    assert select_position(step, cfg, lambda pos: grad)[0] == 0
+    assert select_position(step, replace(cfg, entropy_threshold=entropy * 1.0001), lambda pos: grad) == (None, None)
 
 
 def test_sample_top_p_follows_temperature_and_top_k():
@@ -669,6 +682,17 @@ def test_learning_rate_schedule_is_the_authors_clipped_cosine():
     factors = [nabla.lr_factor(t, cfg) for t in range(cfg.dto_iters)]
     assert factors == [max(0.1, 0.5 * (1 + math.cos(math.pi * t / 20))) for t in range(20)]
     assert factors[0] == 1.0 and factors[-1] == 0.1 and factors[-4] == 0.1 and factors[-5] > 0.1
+
+
+def test_dto_steps_follow_adam_and_the_schedule():
+    """Adam moves each coordinate by about lr * lr_factor(t) per step under a constant gradient: the sum over the
+    schedule is 0.107, where a flat rate would give 0.2 and SGD would follow the gradient's size."""
+    cfg = NablaConfig()
+    z0 = torch.tensor([1.0, 0.0])  # the argmax stays 0: one gradient serves every iteration
+    z, n_full, n_cached = dto(z0, lambda token: torch.tensor([0.0, -1e-3]), cfg)
+    assert (n_full, n_cached) == (1, cfg.dto_iters - 1)
+    moved = cfg.lr * sum(nabla.lr_factor(t, cfg) for t in range(cfg.dto_iters))
+    assert z[1].item() == pytest.approx(moved, rel=0.02) and 1 - z[0].item() == pytest.approx(moved, rel=0.02)
 
 
 def test_gradient_norm_threshold_floor_from_the_likelihood_term():
@@ -775,6 +799,12 @@ def test_every_rollout_gets_the_room_the_length_limit_leaves(tok, lm, rm, monkey
     assert len(rooms) >= 2 and set(rooms) == {FAST.max_new_tokens}  # committed + redrawn + new = the limit
 
 
+def test_a_revision_of_the_last_allowed_token_rolls_out_nothing(tok, lm, rm):
+    runs = [NablaReasoner(lm, tok, rm, tok, replace(FAST, max_new_tokens=1)).generate(PROMPT, seed=s).stats
+            for s in range(4)]
+    assert any(run["revisions_proposed"] for run in runs) and all(run["generated_tokens"] == 1 for run in runs)
+
+
 def test_a_redraw_of_the_drafted_token_rolls_out_nothing(tok, lm, rm, monkeypatch):
     drafted, real_dto = [], nabla.dto
 
@@ -796,6 +826,13 @@ def test_dto_takes_the_selection_gradient_even_without_gradient_caching():
     _, n_full, n_cached = dto(z0, lambda t: asked.append(t) or g, NablaConfig(dto_iters=4, grad_cache=False),
                               first=(3, g))
     assert (n_full, n_cached, len(asked)) == (3, 1, 3)
+
+
+def test_latent_dto_takes_the_argmax_of_the_logits_not_of_the_hidden_state():
+    W = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    h0 = torch.tensor([3.0, 2.0, 1.0])  # argmax(h0) = 0, argmax(W h0) = 1
+    dto(h0, lambda token: pytest.fail("the gradient handed over is the argmax token's"), NablaConfig(dto_iters=1),
+        first=(1, torch.zeros(3)), to_logits=lambda h: W @ h)
 
 
 def test_top_p_keeps_the_smallest_nucleus_that_reaches_it():
@@ -836,6 +873,12 @@ def test_tokens_the_reward_model_lacks_get_no_reward_gradient(tok, lm):
     both = onehot_grads(step, positions, lm, rm, vocab_map, FAST)
     lm_only = onehot_grads(step, positions, lm, None, None, FAST)
     assert len(missing) >= 2 and torch.equal(both[:, missing], lm_only[:, missing])
+    # ... and a draft holding such a token gets a reward that does not read row 0 either
+    ahead, prefix = ids_of(tok, "q is 5"), make_prefix(lm, rm, tok, rm_tok, vocab_map)
+    before = ahead_loss_and_grads(lm, rm, vocab_map, prefix, ahead, FAST).loss
+    with torch.no_grad():
+        rm.get_input_embeddings().weight[0] = torch.randn(rm.config.hidden_size)
+    assert ahead_loss_and_grads(lm, rm, vocab_map, prefix, ahead, FAST).loss == before
 
 
 def test_drafts_use_the_rollout_settings_and_every_end_of_sequence_id(tok, lm):
