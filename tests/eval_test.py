@@ -1,8 +1,9 @@
 """Tests of eval_math.py on CPU: the grader on MATH-500's gold answers, every method end to end with
 the tiny models of tiny.py saved to a temporary folder, resuming, sharding and every bad-input error.
 
-The grader test reads MATH-500 from ../shared/data and is skipped, with the reason, when that folder is absent;
-the end-to-end tests use MATH-500 when it is there and a few synthetic problems in its schema otherwise.
+The grader test reads MATH-500 from ../shared/data or the Hugging Face cache and is skipped, with the reason,
+when neither has it; the end-to-end tests use MATH-500 when it is there and a few synthetic problems in its
+schema otherwise.
 """
 import copy
 import errno
@@ -16,14 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
 
 import eval_math as em
 from nabla import chat_prompt_ids, reward_ids, score
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MATH500 = DATA / "math500.jsonl"
-needs_data = pytest.mark.skipif(not MATH500.exists(), reason=f"{MATH500} is absent (the shared data folder)")
-# MATH-style problems in MATH-500's schema, for the end-to-end tests when the shared data folder is absent.
+
+def _math500() -> Path | None:
+    """MATH-500 from the shared data folder beside the repository, else from the Hugging Face cache, where
+    eval_math.py's first run puts it; None when neither has it (nothing is downloaded)."""
+    if (path := Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl").exists():
+        return path
+    try:
+        return Path(hf_hub_download(*em.MATH500_HUB, repo_type="dataset", local_files_only=True))
+    except Exception:  # not in the cache
+        return None
+
+
+MATH500 = _math500()
+needs_data = pytest.mark.skipif(MATH500 is None, reason="MATH-500 is in neither ../shared/data nor the hub's cache")
+# MATH-style problems in MATH-500's schema, for the end-to-end tests when MATH-500 is absent.
 SYNTHETIC = [
     {"problem": "What is $2+3$?", "answer": "5", "unique_id": "test/algebra/1.json"},
     {"problem": "Compute $\\frac{14}{3} \\cdot 3$.", "answer": "14", "unique_id": "test/prealgebra/2.json"},
@@ -40,8 +53,8 @@ SYNTHETIC = [
 
 
 def _problems_file() -> Path:
-    """MATH-500 when the shared data folder is there, else the synthetic problems above."""
-    if MATH500.exists():
+    """MATH-500 when it is there, else the synthetic problems above."""
+    if MATH500:
         return MATH500
     path = Path(tempfile.mkdtemp(prefix="eval_test_")) / "problems.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in SYNTHETIC))
