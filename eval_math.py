@@ -521,8 +521,8 @@ def method_settings(method: str, args, config: NablaConfig, dtype: torch.dtype, 
     if method == "nabla":
         nabla = dataclasses.asdict(dataclasses.replace(config, max_rollouts=args.n))
         settings.update({f"nabla.{k}": v for k, v in nabla.items()})
-    else:  # a batch is padded and (for sc and bon) seeded as one
-        settings.update(batch_size=args.batch_size, compile=args.compile)
+    else:  # not the batch size: like the shard layout, it is how the work is split, and each record names its batch
+        settings["compile"] = args.compile
     return settings
 
 
@@ -824,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "is Qwen2.5-7B-Instruct's generation config, which the authors' runs fell back to")
     p.add_argument("--batch-size", type=int, default=1, help="greedy, sc and bon: problems per generate call, "
                    "left-padded; sc and bon seed a batch as one and bf16 rounds padded shapes differently, so "
-                   "answers depend on the batching (greedy ones in fp32 do not)")
+                   "answers depend on the batching (greedy ones in fp32 do not); a run may resume with another "
+                   "batch size (e.g. smaller after running out of GPU memory): each record names its batch")
     p.add_argument("--compile", action="store_true",
                    help="a static KV cache for every generate call, which transformers compiles on a GPU")
     p.add_argument("--output", default="results/math500.jsonl", help="JSON Lines results; re-running resumes")

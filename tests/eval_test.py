@@ -827,7 +827,6 @@ def test_merge_refuses_shards_of_two_runs_and_changes_nothing(model_dirs, tmp_pa
 @pytest.mark.parametrize("method, option, field", [
     ("greedy", ["--dtype", "bfloat16"], "dtype"),
     ("sc", ["--top-k", "5"], "top_k"),
-    ("greedy", ["--batch-size", "2"], "batch_size"),
     ("nabla", ["--top-k", "5"], "nabla.resample_top_k"),
     ("nabla", ["--compile"], "nabla.fast_rollout"),
     ("bon", ["--reward-model", "another/reward-model"], "reward_model"),
@@ -893,6 +892,20 @@ def test_batched_greedy_is_token_identical_to_one_at_a_time(model_dirs, tmp_path
     assert all(r["batch"] == {"seed": first_batch[0]["seed"], "ids": [x["id"] for x in first_batch]}
                for r in first_batch)
     assert all("batch" not in r for r in read_jsonl(one))
+
+
+def test_a_run_may_resume_with_another_batch_size(model_dirs, tmp_path):
+    """The batch size, like the shard layout, is how the work is split: a ∇-Reasoner run, then baselines batched
+    by 2, then one more problem one at a time, all on one output; each batched record names its batch."""
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, methods="nabla", limit=1) == 0
+    assert run(model_dirs, out, "--batch-size", "2", methods="greedy,sc", limit=2) == 0
+    assert run(model_dirs, out, methods="greedy,sc", limit=3) == 0
+    records = read_jsonl(out)
+    assert [(r["index"], r["method"]) for r in records] == [(0, "nabla"), (0, "greedy"), (1, "greedy"), (0, "sc"),
+                                                            (1, "sc"), (2, "greedy"), (2, "sc")]
+    assert [r.get("batch", {}).get("ids") for r in records] == [None] + [[r["id"] for r in records[1:3]]] * 4 + [None] * 2
+    assert len({json.dumps(r["settings"], sort_keys=True) for r in records if r["method"] == "greedy"}) == 1
 
 
 def test_batches_group_one_baseline_method_at_a_time_and_nabla_alone():
