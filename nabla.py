@@ -29,9 +29,10 @@ The file reads top to bottom in the order of the paper:
 Beyond the authors' release (VITA-Group/Nabla-Reasoner), each where it happens: both drafts of an
 acceptance test are scored as the same thing (score); a DTO step runs both models over the ahead span
 only, on KV caches of the prefix, with vocabulary logits for the ahead span only (ahead_loss_and_grads);
-the variable is one fp32 position (dto) and the reward head runs in fp32 (reward_head); the selection
-pass's gradient serves DTO's first iteration (NablaReasoner._dto); rollouts run in-process on the same
-KV cache (NablaReasoner._rollout); every pass is counted, in forward-token-equivalents too.
+the variable is one fp32 position (dto) and the reward head runs in fp32 (reward_head); DTO computes each
+token's gradient once, and the selection pass's gradient serves for the drafted token (dto,
+NablaReasoner._dto); rollouts run in-process on the same KV cache (NablaReasoner._rollout); every pass is
+counted, in forward-token-equivalents too.
 """
 import math
 import time
@@ -70,7 +71,7 @@ class NablaConfig:
     grad_norm_threshold: float = 4.0        # so is a token whose ‖∂L/∂one-hot‖₂ is below this
     entropy_threshold: float | None = None  # optional: so is a token whose entropy (nats) is below this
     space: str = "logits"                   # "logits": optimize z; "latents": optimize h, with z = W_out h
-    grad_cache: bool = True                 # reuse ∂L/∂one-hot until the argmax token changes (exact)
+    grad_cache: bool = True                 # compute ∂L/∂one-hot once per argmax token (exact)
     rejection_sampling: bool = True         # keep a revised draft only if the reward model scores it higher
     fast_rollout: bool = False              # rollouts on a static KV cache, which `generate` compiles on a GPU
 
@@ -349,10 +350,12 @@ def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaCo
         first: tuple[int, torch.Tensor] | None = None, to_logits: Callable = lambda x: x):
     """Differentiable Textual Optimization of one position: Adam on z (or h) with cosine decay.
 
-    Gradient caching: the forward pass sees only argmax(z), so ∂L/∂one-hot stays the same until the
-    argmax flips. Meanwhile the step minimizes the linear surrogate <G, ŷ(z)>, whose gradient through
-    the straight-through one-hot equals the true one: exact, not an approximation. `full_grad(token)`
-    runs both models; `first` is a gradient already known (from token selection) for one token.
+    Gradient caching: the forward pass sees only argmax(z), so ∂L/∂one-hot depends on that token alone.
+    Each token's gradient is computed once and kept: when Adam swings the argmax back to a token it left
+    (near-ties do), no pass runs again, where the authors' code recomputes after every flip. Each step
+    minimizes the linear surrogate <G, ŷ(z)>, whose gradient through the straight-through one-hot equals
+    the true one: exact, not an approximation. `full_grad(token)` runs both models; `first` is a gradient
+    already known (from token selection) for one token.
 
     Returns the optimized logits, the number of full passes and the number of iterations served by a
     cached gradient.
@@ -360,17 +363,17 @@ def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaCo
     x = z0.detach().float().clone().requires_grad_()  # fp32: a bf16 logit of 12 cannot move by 0.01
     opt = torch.optim.Adam([x], lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg))
-    cached, n_full, n_cached = first, 0, 0
+    grads, n_full, n_cached = dict([first] if first else []), 0, 0  # token -> ∂L/∂one-hot, [V] each
     for it in range(cfg.dto_iters):
         with torch.enable_grad():
             z = to_logits(x)
             token = int(z.argmax())  # the one read of the GPU per iteration: it decides whether a pass must run
-            if cached is None or cached[0] != token or (it > 0 and not cfg.grad_cache):
-                cached, n_full = (token, full_grad(token)), n_full + 1
+            if token not in grads or (it > 0 and not cfg.grad_cache):
+                grads[token], n_full = full_grad(token), n_full + 1
             else:
                 n_cached += 1
             opt.zero_grad()
-            (straight_through_onehot(z) * cached[1]).sum().backward()
+            (straight_through_onehot(z) * grads[token]).sum().backward()
         opt.step()
         schedule.step()
     with torch.no_grad():
@@ -495,8 +498,8 @@ class NablaReasoner:
         return self._answer(committed + ahead, reward, stats, start_time)
 
     def _dto(self, prefix: Prefix, ahead: list[int], z0: torch.Tensor, grad: torch.Tensor, stats: dict):
-        """dto() on ahead[0] with the rest of the draft held fixed. While the argmax is the drafted token, the
-        selection pass's gradient serves DTO's first iteration (dto checks the token)."""
+        """dto() on ahead[0] with the rest of the draft held fixed. Whenever the argmax is the drafted token, the
+        selection pass's gradient serves (dto checks the token)."""
         def full_grad(token: int) -> torch.Tensor:
             return self._onehot_grads(self._loss_and_grads(prefix, [token] + ahead[1:], stats), [0])[0]
 
