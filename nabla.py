@@ -30,9 +30,8 @@ Beyond the authors' release (VITA-Group/Nabla-Reasoner), each where it happens: 
 acceptance test are scored as the same thing (score); a DTO step runs both models over the ahead span
 only, on KV caches of the prefix, with vocabulary logits for the ahead span only (ahead_loss_and_grads);
 the variable is one fp32 position (dto) and the reward head runs in fp32 (reward_head); DTO computes each
-token's gradient once, and the selection pass's gradient serves for the drafted token (dto,
-NablaReasoner._dto); rollouts run in-process on the same KV cache (NablaReasoner._rollout); every pass is
-counted, in forward-token-equivalents too.
+token's gradient once, the drafted token's in the selection pass (dto, NablaReasoner._dto); rollouts run
+in-process on the same KV cache (NablaReasoner._rollout); every pass is counted, in forward-token-equivalents.
 """
 import math
 import time
@@ -350,15 +349,13 @@ def dto(z0: torch.Tensor, full_grad: Callable[[int], torch.Tensor], cfg: NablaCo
         first: tuple[int, torch.Tensor] | None = None, to_logits: Callable = lambda x: x):
     """Differentiable Textual Optimization of one position: Adam on z (or h) with cosine decay.
 
-    Gradient caching: the forward pass sees only argmax(z), so ∂L/∂one-hot depends on that token alone.
-    Each token's gradient is computed once and kept: when Adam swings the argmax back to a token it left
-    (near-ties do), no pass runs again, where the authors' code recomputes after every flip. Each step
-    minimizes the linear surrogate <G, ŷ(z)>, whose gradient through the straight-through one-hot equals
-    the true one: exact, not an approximation. `full_grad(token)` runs both models; `first` is a gradient
-    already known (from token selection) for one token.
+    Gradient caching: the forward pass sees only argmax(z), so ∂L/∂one-hot depends on that token alone and
+    is computed once per token (the authors' code recomputes it after every flip, even back to a token it
+    left). Each step minimizes the linear surrogate <G, ŷ(z)>, whose gradient through the straight-through
+    one-hot equals the true one: exact. `full_grad(token)` runs both models; `first` is a gradient already
+    known (from token selection) for one token.
 
-    Returns the optimized logits, the number of full passes and the number of iterations served by a
-    cached gradient.
+    Returns the optimized logits, the number of full passes and of iterations a cached gradient served.
     """
     x = z0.detach().float().clone().requires_grad_()  # fp32: a bf16 logit of 12 cannot move by 0.01
     opt = torch.optim.Adam([x], lr=cfg.lr)
