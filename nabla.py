@@ -441,7 +441,7 @@ class NablaReasoner:
             self.vocab_map, self._rm_id = vocab_map.to(lm.device), vocab_map.tolist()
         self.sampling = draft_sampling(lm, lm_tokenizer, cfg)
         self.eos = set(self.sampling["eos_token_id"] or ())  # the drafts' stop tokens
-        self._w_out = None  # fp32 copy of the output head, made once, for optimization in latent space
+        self._w_out = None  # fp32 copy of the output head for latent space, made once: 2.2 GB at Qwen2.5-7B
         self._static = None  # the static KV cache of fast rollouts, allocated once and refilled per rollout
         self._warned = False
 
