@@ -150,7 +150,7 @@ def _parse(text: str) -> list:
     """math-verify's reading, after removing thin spaces between digit groups (it reads 1\\,000 as 1 · 000) and
     writing degrees as ^\\circ (it reads neither ° nor \\degree)."""
     grouped = r"(?<![\^_\d])\d{1,3}(?:\\[,;: ]\d{3})+(?!\d)"  # not an exponent's or a subscript's digits
-    text = re.sub(r"°|\\degree(?![A-Za-z])", r"^\\circ", text)
+    text = re.sub(r"(?:\^\s*)?(?:°|\\degree(?![A-Za-z]))", r"^\\circ", text)
     return parse(re.sub(grouped, lambda number: re.sub(r"\\[,;: ]", "", number[0]), text))
 
 
@@ -324,18 +324,16 @@ def problem_seed(base_seed: int, index: int) -> int:
 
 # Loading models ------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # torchrun and accelerate launch start a process per GPU and say which in LOCAL_RANK
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    """auto and cuda mean GPU LOCAL_RANK: torchrun and accelerate launch start a process per GPU and set it."""
+    gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
-        device = torch.device(name)
+        device = torch.device({"auto": gpu if torch.cuda.is_available() else "cpu", "cuda": gpu}.get(name, name))
     except RuntimeError:
         raise InputError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index >= (count := torch.cuda.device_count()):
-        raise InputError(f"--device {name}: no such GPU; this machine has {count} (cuda:0 to cuda:{count - 1})")
+        raise InputError(f"--device {name}: no GPU {device} here (this machine has {count}; LOCAL_RANK picks one)")
     return device
 
 
@@ -527,8 +525,10 @@ def method_settings(method: str, args, config: NablaConfig, dtype: torch.dtype, 
 
 
 def conflict(found: dict, expected: dict) -> tuple | None:
-    """(field, found value, expected value) for the first field, in sorted order, whose values differ."""
-    key = next((k for k in sorted(found.keys() | expected.keys()) if found.get(k) != expected.get(k)), None)
+    """(field, found value, expected value) for the first field, in sorted order, whose values differ. The batch
+    size, which outputs of older versions hold among the settings, is not one: it is how the work was split."""
+    fields = (found.keys() | expected.keys()) - {"batch_size"}
+    key = next((k for k in sorted(fields) if found.get(k) != expected.get(k)), None)
     return None if key is None else (key, found.get(key), expected.get(key))
 
 
@@ -690,7 +690,7 @@ def evaluate(args) -> int:
         run_all(todo, [r for k, r in done.items() if k in keys], methods, models, args, config, settings, path, label)
 
     run_config = {"data": str(data), "limit": args.limit, "methods": methods, "shard": f"{shard}/{shards}",
-                  "settings": {m: settings[m] for m in methods}}
+                  "batch_size": args.batch_size, "settings": {m: settings[m] for m in methods}}
     write_summary(path, [r for k, r in best_records(read_records(path)[0]).items() if k in keys], run_config)
     if shards > 1:  # the shard that finishes last writes the combined results
         everything = {(p.id, m) for p in problems for m in methods}

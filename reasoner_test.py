@@ -98,7 +98,8 @@ def test_prefix_kv_gradients_equal_full_recompute(tok, lm, shuffled_rm_vocab):
 
 
 def test_selection_gradient_equals_first_dto_gradient_after_commit(tok, lm, rm):
-    """The gradient at position s from the selection pass is DTO's first gradient: reusing it is exact."""
+    """The gradient at position s from the selection pass is DTO's gradient for the drafted token: reusing it
+    is exact."""
     vocab_map = align_vocab(tok, tok, lm.config.vocab_size)
     prefix = make_prefix(lm, rm, tok, tok, vocab_map)
     ahead = ids_of(tok, "x = 5 and y = 2")

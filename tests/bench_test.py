@@ -60,6 +60,18 @@ def test_selection_reuse_count_is_what_withholding_it_costs(rollout_temperature,
         assert count["reused"] == count["offered"]
 
 
+def test_selection_reuse_counts_a_drafted_token_the_argmax_reaches_later():
+    """The argmax starts at token 0 and Adam moves it to the drafted token 1, whose gradient selection gave."""
+    g, passes = torch.tensor([1e-3, -1e-3]), []
+    run = lambda cfg: nabla.dto(torch.tensor([1.0, 0.9]), lambda token: passes.append(token) or g, cfg, first=(1, g))
+    with bench.counting_selection_reuse() as count:
+        run(nabla.NablaConfig())
+    assert count == dict(offered=1, reused=1) and passes == [0]  # without it: a second pass, for token 1
+    with bench.counting_selection_reuse() as count:
+        run(nabla.NablaConfig(grad_cache=False))  # then dto takes `first` at the first iteration only
+    assert count == dict(offered=1, reused=0) and 1 in passes
+
+
 def test_main_prints_a_table_then_one_json_line(capsys, monkeypatch):
     made = []
 

@@ -68,7 +68,7 @@ REQUIRED_KEYS = {"id", "method", "prompt", "response", "prediction", "answer", "
 
 
 def math500_golds() -> list[str]:
-    return [json.loads(line)["answer"] for line in MATH500.read_text().splitlines()]
+    return [p.answer for p in em.load_problems(MATH500)]
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +138,8 @@ def test_grader_accepts_every_math500_gold_answer_and_rejects_another_problems_a
     ("$\\boxed{90°}$", "90^\\circ", True),   # math-verify reads neither ° nor \degree
     ("\\boxed{30\\degree}", "30^\\circ", True),
     ("\\boxed{90°}", "91^\\circ", False),
+    ("\\boxed{90^°}", "90^\\circ", True),
+    ("\\boxed{30^\\degree}", "30", True),
 ])
 def test_equivalent_forms(response, gold, expected):
     assert em.is_correct(response, gold) is expected
@@ -174,8 +176,8 @@ def test_data_files_as_aime_and_amc_ship_them(tmp_path):
 def test_a_jsonl_line_ends_at_a_newline_only(tmp_path):
     path = tmp_path / "data.jsonl"  # json.dumps(ensure_ascii=False) leaves these characters raw inside a string
     path.write_text("".join(json.dumps({"problem": f"a{c}b", "answer": "1", "unique_id": c}, ensure_ascii=False) + "\n"
-                            for c in "\u2028\u2029\x85\x0c"), encoding="utf-8")
-    assert [p.problem for p in em.load_problems(path)] == [f"a{c}b" for c in "\u2028\u2029\x85\x0c"]
+                            for c in "\u2028\u2029\x85"), encoding="utf-8")
+    assert [p.problem for p in em.load_problems(path)] == [f"a{c}b" for c in "\u2028\u2029\x85"]
 
 
 def test_string_fallback_ignores_case_and_a_final_full_stop():
@@ -669,7 +671,7 @@ def test_shards_and_devices_from_the_launchers_environment(monkeypatch):
     assert em.resolve_device("cuda") == torch.device("cuda", 1)  # not every rank on GPU 0
     assert em.resolve_device("cuda:0") == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "2")  # more processes than GPUs
-    with pytest.raises(em.InputError, match="cuda:2: no such GPU; this machine has 2"):
+    with pytest.raises(em.InputError, match=r"--device auto: no GPU cuda:2 here \(this machine has 2;"):
         em.resolve_device("auto")
 
 
@@ -906,6 +908,19 @@ def test_a_run_may_resume_with_another_batch_size(model_dirs, tmp_path):
                                                             (1, "sc"), (2, "greedy"), (2, "sc")]
     assert [r.get("batch", {}).get("ids") for r in records] == [None] + [[r["id"] for r in records[1:3]]] * 4 + [None] * 2
     assert len({json.dumps(r["settings"], sort_keys=True) for r in records if r["method"] == "greedy"}) == 1
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["config"]["batch_size"] == 1  # this run's
+
+
+def test_an_output_whose_settings_hold_a_batch_size_still_resumes(model_dirs, tmp_path):
+    """Older versions kept the batch size among the settings, in the manifest and in every record."""
+    out, manifest = tmp_path / "out.jsonl", tmp_path / "out.jsonl.manifest.json"
+    assert run(model_dirs, out, methods="greedy", limit=1) == 0
+    with_size = lambda settings: {**settings, "batch_size": 1}
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({"settings": {m: with_size(s) for m, s in old["settings"].items()}}))
+    out.write_text("".join(json.dumps({**r, "settings": with_size(r["settings"])}) + "\n" for r in read_jsonl(out)))
+    assert run(model_dirs, out, "--batch-size", "2", methods="greedy", limit=3) == 0
+    assert [r["index"] for r in read_jsonl(out)] == [0, 1, 2]
 
 
 def test_batches_group_one_baseline_method_at_a_time_and_nabla_alone():
