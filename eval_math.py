@@ -18,7 +18,6 @@ every file as it found it, and so is a run on a results file that another run is
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -29,6 +28,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # native Windows: results files are not locked (exclusive_lock warns)
+    fcntl = None
 
 import torch
 from math_verify import parse, verify
@@ -491,10 +495,12 @@ def exclusive_lock(path: Path):
     before lock a file that the next run cannot see."""
     with path.with_name(f".{path.name}.lock").open("a") as handle:
         try:
+            if fcntl is None:
+                raise OSError("no file locks on this platform")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, even on a kill
         except BlockingIOError:
             raise Busy(f"{path}: another run is writing it now; wait for it or pick another --output") from None
-        except OSError as e:  # a file system without locks (some Lustre, FUSE or SMB mounts): go on unguarded
+        except OSError as e:  # a file system without locks (some Lustre, FUSE or SMB mounts), or Windows: unguarded
             tqdm.write(f"cannot lock {path} ({first_line(e)}): never start two runs on it at once", file=sys.stderr)
         yield
 

@@ -607,6 +607,9 @@ def test_a_file_system_without_locks_is_a_warning_not_an_error(model_dirs, tmp_p
     monkeypatch.setattr(em.fcntl, "flock", no_locks)
     assert run(model_dirs, tmp_path / "out.jsonl", limit=1) == 0
     assert "No locks available): never start two runs on it at once" in capsys.readouterr().err
+    monkeypatch.setattr(em, "fcntl", None)  # as on native Windows, which has no fcntl module
+    assert run(model_dirs, tmp_path / "out.jsonl", limit=2) == 0
+    assert "(no file locks on this platform): never start two runs on it at once" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
