@@ -157,17 +157,17 @@ def counting_selection_reuse():
     original, count = nabla.dto, dict(offered=0, reused=0)
 
     def dto(z0, full_grad, cfg, first=None, to_logits=lambda z: z):
-        argmaxes = []  # of each iteration, then of the returned logits
+        argmaxes = []  # of each iteration, then of the returned logits; read after dto, which syncs once an iteration
 
         def seen(z):
             logits = to_logits(z)
-            argmaxes.append(int(logits.argmax()))
+            argmaxes.append(logits.detach().argmax())
             return logits
 
         out = original(z0, full_grad, cfg, first=first, to_logits=seen)
         if first is not None and cfg.dto_iters > 0:
             count["offered"] += 1
-            count["reused"] += first[0] in argmaxes[:cfg.dto_iters if cfg.grad_cache else 1]  # as dto uses it
+            count["reused"] += first[0] in torch.stack(argmaxes[:cfg.dto_iters if cfg.grad_cache else 1]).tolist()
         return out
 
     with unittest.mock.patch.object(nabla, "dto", dto):

@@ -673,13 +673,14 @@ def evaluate(args) -> int:
     records = agree_on_settings(output, settings, methods, write=False)
     with exclusive_lock(path):
         done, untidy = finished_records(path)
-        keys = {(p.id, m) for p in problems if p.index % shards == shard for m in methods}
+        mine = [p for p in problems if p.index % shards == shard]
+        keys = {(p.id, m) for p in mine for m in methods}
         # Results of this shard in the output's other files (a merge, a run of another shard count) are copied.
         found = {k: r for k, r in best_records(records).items() if k in keys and k not in done and not r.get("error")}
         if found:
             done, untidy = {**done, **found}, True
             tqdm.write(f"{path}: {len(found)} results taken from the output's other files", file=sys.stderr)
-        todo = [(p, m) for p in problems if p.index % shards == shard for m in methods if (p.id, m) not in done]
+        todo = [(p, m) for p in mine for m in methods if (p.id, m) not in done]
         models = None
         if todo:
             models = load_models(args.model, args.reward_model if set(methods) & set(NEEDS_REWARD_MODEL) else None,

@@ -871,13 +871,14 @@ def test_tokens_the_reward_model_lacks_get_no_reward_gradient(tok, lm):
     with torch.no_grad():  # row 0 is a padding row of zeros: make it one a wrong lookup would show
         rm.get_input_embeddings().weight[0] = torch.randn(rm.config.hidden_size)
     vocab_map, ahead = align_vocab(tok, rm_tok, lm.config.vocab_size), ids_of(tok, "it is 5")
-    step = ahead_loss_and_grads(lm, rm, vocab_map, make_prefix(lm, rm, tok, rm_tok, vocab_map), ahead, FAST)
+    prefix = make_prefix(lm, rm, tok, rm_tok, vocab_map)
+    step = ahead_loss_and_grads(lm, rm, vocab_map, prefix, ahead, FAST)
     positions, missing = torch.arange(len(ahead)), (vocab_map < 0).nonzero().flatten()
     both = onehot_grads(step, positions, lm, rm, vocab_map, FAST)
     lm_only = onehot_grads(step, positions, lm, None, None, FAST)
     assert len(missing) >= 2 and torch.equal(both[:, missing], lm_only[:, missing])
     # ... and a draft holding such a token gets a reward that does not read row 0 either
-    ahead, prefix = ids_of(tok, "q is 5"), make_prefix(lm, rm, tok, rm_tok, vocab_map)
+    ahead = ids_of(tok, "q is 5")
     before = ahead_loss_and_grads(lm, rm, vocab_map, prefix, ahead, FAST).loss
     with torch.no_grad():
         rm.get_input_embeddings().weight[0] = torch.randn(rm.config.hidden_size)
