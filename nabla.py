@@ -30,13 +30,14 @@ Beyond the authors' release (VITA-Group/Nabla-Reasoner), each where it happens: 
 acceptance test are scored as the same thing (score); a DTO step runs both models over the ahead span
 only, on KV caches of the prefix, with vocabulary logits for the ahead span only (ahead_loss_and_grads);
 the variable is one fp32 position (dto) and the reward head runs in fp32 (reward_head); DTO computes each
-token's gradient once, the drafted token's in the selection pass (dto, NablaReasoner._dto); rollouts run
-in-process on the same KV cache (NablaReasoner._rollout); every pass is counted, in forward-token-equivalents.
+token's gradient once, the drafted token's in the selection pass (dto, NablaReasoner._dto), and a draft that
+stands keeps its selection pass (NablaReasoner._rows_after); rollouts run in-process on the same KV cache
+(NablaReasoner._rollout); every pass is counted, in forward-token-equivalents too.
 """
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -130,14 +131,10 @@ def draft_sampling(lm, tokenizer, cfg: NablaConfig) -> dict:
                 repetition_penalty=1.0, eos_token_id=eos or None, pad_token_id=pad)
 
 
-def _require_chat_template(tokenizer, who: str) -> None:
+def _check_inputs(tokenizer, who: str, prompt: str = "a prompt") -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the {who} tokenizer has no chat template; ∇-Reasoner puts the prompt in the user turn of "
                          f"the chat template, so set tokenizer.chat_template first")
-
-
-def _check_inputs(tokenizer, who: str, prompt: str) -> None:
-    _require_chat_template(tokenizer, who)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt must be a non-empty string")
 
@@ -246,7 +243,7 @@ class AheadGrads:
     logp: torch.Tensor           # [A, V] fp32: log π(· | x, y_<t, ŷ_<s) at each ahead position s
     hidden: torch.Tensor         # [A, d]: the LM's last hidden states that give those log-probs (the latents)
     g_lm: torch.Tensor           # [A, d]: ∂L/∂(LM input embedding of ŷ_s)
-    g_rm: torch.Tensor | None    # [A, d]: ∂L/∂(RM input embedding of ŷ_s), zero where the RM does not see ŷ_s
+    g_rm: torch.Tensor | None    # [A, d]: ∂L/∂(RM input embedding of ŷ_s), zero for an end-of-sequence token
     lm_cache: DynamicCache       # the caches after the pass: prefix + everything that was run
     rm_cache: DynamicCache | None
 
@@ -338,10 +335,8 @@ def select_position(step: AheadGrads, cfg: NablaConfig,
 
 
 def lr_factor(t: int, cfg: NablaConfig) -> float:
-    """The learning rate of iteration t over cfg.lr: cosine decay, clipped below at min_lr_ratio.
-
-    The authors' schedule: max(0.1, 0.5 (1 + cos(π t / T))), flat at 0.1 for the last fifth of the 20 steps.
-    """
+    """The learning rate of iteration t over cfg.lr, the authors' cosine decay clipped below at min_lr_ratio:
+    max(0.1, 0.5 (1 + cos(π t / T))), flat at 0.1 for the last fifth of the 20 steps."""
     return max(cfg.min_lr_ratio, 0.5 * (1 + math.cos(math.pi * t / max(cfg.dto_iters, 1))))
 
 
@@ -423,7 +418,7 @@ class NablaReasoner:
             raise ValueError(f"space must be 'logits' or 'latents', not {cfg.space!r}")
         if (rm is None) != (rm_tokenizer is None):
             raise ValueError("give both the reward model and its tokenizer, or neither")
-        _require_chat_template(lm_tokenizer, "policy")
+        _check_inputs(lm_tokenizer, "policy")
         vocab_rows = lm.get_input_embeddings().weight.shape[0]
         if lm.get_output_embeddings().weight.shape[0] != vocab_rows:
             raise ValueError("the LM's input and output vocabularies differ in size")
@@ -431,7 +426,7 @@ class NablaReasoner:
         self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm, lm_tokenizer, rm, rm_tokenizer
         self.vocab_map = self._rm_id = None
         if rm is not None:
-            _require_chat_template(rm_tokenizer, "reward model")
+            _check_inputs(rm_tokenizer, "reward model")
             if rm.config.num_labels != 1:
                 raise ValueError(f"the reward model must have one output (num_labels=1), not {rm.config.num_labels}")
             rm.requires_grad_(False)
@@ -446,8 +441,8 @@ class NablaReasoner:
         self._warned = False
 
     def generate(self, prompt: str, seed: int = 0) -> NablaOutput:
-        """Answer one prompt. The same seed on the same device gives the same output."""
-        _check_inputs(self.lm_tokenizer, "policy", prompt)
+        """Answer one prompt. The same seed on the same device gives the same output (on CUDA, as far as its
+        backward kernels are deterministic: docs/deviations.md)."""
         with torch.random.fork_rng(devices=[self.lm.device] if self.lm.device.type == "cuda" else []):
             torch.manual_seed(seed)  # seeded locally: the caller's random state stays as it was
             return self._decode(prompt)
@@ -457,15 +452,16 @@ class NablaReasoner:
         rm_before, rm_after = reward_template(self.rm_tokenizer, prompt) if self.rm is not None else ([], [])
         prefix = Prefix(chat_prompt_ids(self.lm_tokenizer, prompt), rm_before, rm_after)
         committed: list[int] = []  # response tokens fixed for good
+        kept = None  # the last selection pass, while the draft it ran over stands
 
         # 1. Roll out a full draft from the prompt.
         ahead, prefix.lm_kv = self._rollout(prefix, [], 0, stats)
         reward = stats["reward_initial"] = self._reward(prompt, ahead, stats, rm_before, rm_after)
 
         while ahead and stats["rollouts"] < cfg.max_rollouts:
-            # 2. One pass over the ahead span gives every position's confidence and gradient; commit the
-            #    tokens before the first one worth optimizing (all of them if there is none).
-            step = self._loss_and_grads(prefix, ahead, stats)
+            # 2. One pass over the ahead span (or the later rows of the last one, if its draft stands) gives every
+            #    position's confidence and gradient; commit the tokens before the first one worth optimizing.
+            step = self._rows_after(kept, s + 1) if kept else self._loss_and_grads(prefix, ahead, stats)
             s, grad = select_position(step, cfg, lambda pos: self._onehot_grads(step, pos))
             n_commit = len(ahead) if s is None else s
             self._commit(prefix, ahead[:n_commit], step if s is not None else None)
@@ -476,6 +472,7 @@ class NablaReasoner:
             # 3. DTO on that position, from the LLM's own logits (or latents) there; redraw the token from
             #    the optimized logits. The row is copied so that the pass's [ahead x V] tensors can go first.
             z0 = (step.logp[s] if cfg.space == "logits" else step.hidden[s]).clone()
+            kept = replace(step, logp=None)  # for the next selection if the draft stands: all but [A x V]
             del step
             z = self._dto(prefix, ahead, z0, grad, stats)
             token = sample_top_p(z, cfg.resample_temperature, cfg.resample_top_p, cfg.resample_top_k)
@@ -486,7 +483,7 @@ class NablaReasoner:
                 proposal, kv = self._rollout(prefix, [token], len(committed), stats)
                 proposed_reward = self._reward(prompt, committed + proposal, stats, rm_before, rm_after)
                 if self.rm is None or not cfg.rejection_sampling or accept(proposed_reward, reward):
-                    ahead, reward, prefix.lm_kv = proposal, proposed_reward, kv
+                    ahead, reward, prefix.lm_kv, kept = proposal, proposed_reward, kv, None
                     stats["revisions_accepted"] += 1
             self._commit(prefix, ahead[:1])
             committed, ahead = committed + ahead[:1], ahead[1:]
@@ -515,10 +512,8 @@ class NablaReasoner:
         return NablaOutput(self.lm_tokenizer.decode(response, skip_special_tokens=True), response, stats)
 
     def _rollout(self, prefix: Prefix, start: list[int], n_committed: int, stats: dict) -> tuple[list[int], KV]:
-        """Sample a draft after prefix + start with `generate`, on the prefix's KV cache.
-
-        Returns start + the continuation, and a KV cache of everything but the last id of prefix + start.
-        """
+        """Sample a draft after prefix + start with `generate`, on the prefix's KV cache. Returns start + the
+        continuation and a KV cache of a leading part of prefix + start (all but its last id if `generate` ran)."""
         stats["rollouts"] += 1
         ids = prefix.lm_ids + start
         room = self.cfg.max_new_tokens - n_committed - len(start)
@@ -577,6 +572,15 @@ class NablaReasoner:
         stats["model_calls"] += 2 if self.rm is None else 4  # forward and backward of each model
         stats["forward_token_equivalents"] += 3 * step.positions  # a backward costs about two forwards
         return step
+
+    def _rows_after(self, step: AheadGrads, start: int) -> AheadGrads:
+        """A selection pass's rows from ahead position `start` on: the pass the same draft needs once `start` more
+        of its tokens are committed (attention is causal, the reward is the whole response's either way, and the
+        committed tokens' likelihood terms do not depend on later tokens). Only the log-probs, dropped during
+        DTO, are made again, from the hidden states; loss and positions stay the first pass's."""
+        g_rm = None if step.g_rm is None else step.g_rm[start:]
+        logp = self.lm.get_output_embeddings()(step.hidden[start:]).float().log_softmax(-1)
+        return replace(step, logp=logp, hidden=step.hidden[start:], g_lm=step.g_lm[start:], g_rm=g_rm)
 
     def _onehot_grads(self, step: AheadGrads, positions) -> torch.Tensor:
         positions = torch.as_tensor(positions, device=step.logp.device)

@@ -112,6 +112,39 @@ def test_selection_gradient_equals_first_dto_gradient_after_commit(tok, lm, rm):
                                rtol=0, atol=1e-5)
 
 
+def test_a_passs_later_rows_are_the_pass_over_the_same_draft_after_more_commits(tok, lm, rm):
+    """What a rejected or unchanged redraw lets the next selection reuse: the rows of a pass from position k on
+    equal a fresh pass over the same draft with k more tokens committed, log-probs and one-hot gradients."""
+    reasoner = NablaReasoner(lm, tok, rm, tok, FAST)
+    prefix = make_prefix(lm, rm, tok, tok, reasoner.vocab_map)
+    ahead, k = ids_of(tok, "x = 5 and y = 2"), 6
+    rows = reasoner._rows_after(ahead_loss_and_grads(lm, rm, reasoner.vocab_map, prefix, ahead, FAST), k)
+    fresh = ahead_loss_and_grads(lm, rm, reasoner.vocab_map, make_prefix(lm, rm, tok, tok, reasoner.vocab_map,
+                                                                         "x = 5 "), ahead[k:], FAST)
+    every = torch.arange(len(ahead) - k)
+    torch.testing.assert_close(rows.logp, fresh.logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reasoner._onehot_grads(rows, every), reasoner._onehot_grads(fresh, every), rtol=0,
+                               atol=1e-5)
+
+
+def test_a_draft_that_stands_reuses_its_selection_pass_for_the_same_answer(tok, lm, rm, monkeypatch):
+    """After a rejected or unchanged redraw the next selection runs no pass; keeping nothing (every selection
+    runs its own pass) gives the same answers and differs only in the passes counted."""
+    def answers():
+        return [NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=seed) for seed in range(3)]
+
+    reused = answers()
+    monkeypatch.setattr(nabla, "replace", lambda step, **changes: None)  # nothing kept: every selection runs a pass
+    fresh = answers()
+    for a, b in zip(reused, fresh):
+        saved = b.stats["grad_steps"] - a.stats["grad_steps"]
+        assert a.token_ids == b.token_ids and saved >= 1
+        assert b.stats["model_calls"] - a.stats["model_calls"] == 4 * saved
+        assert b.stats["forward_token_equivalents"] > a.stats["forward_token_equivalents"]
+        counts = ("model_calls", "forward_token_equivalents", "grad_steps", "wall_time_s")
+        assert all(a.stats[k] == b.stats[k] for k in a.stats if k not in counts)
+
+
 def train_rm_preferring(tok, good: str, bad: str, steps: int = 60):
     """A tiny reward model trained (Bradley-Terry) to prefer responses that start with `good` over `bad`."""
     rm = make_rm(tok, seed=5)
@@ -183,11 +216,12 @@ def test_zero_dto_iterations_redraw_from_the_llm_logits(tok, lm, rm):
     assert torch.equal(z, z0) and (n_full, n_cached) == (0, 0)
     stats = [NablaReasoner(lm, tok, rm, tok, cfg).generate(PROMPT, seed=0).stats
              for cfg in (replace(FAST, dto_iters=0), FAST)]
-    # Without DTO the only gradient passes are token selection's, one per optimized token (plus a last
-    # one that finds nothing to optimize); with DTO there are more.
-    assert stats[0]["optimized_tokens"] >= 1 and stats[0]["cached_steps"] == 0
-    assert stats[0]["grad_steps"] - stats[0]["optimized_tokens"] in (0, 1)
-    assert stats[1]["grad_steps"] - stats[1]["optimized_tokens"] > 1
+    # Without DTO the only gradient passes are token selection's: one over the first draft and one after each
+    # accepted revision (unless the budget ends there), since a redraw that is rejected or unchanged leaves the
+    # draft, and its pass, as they were. With DTO there are more.
+    assert stats[0]["optimized_tokens"] > stats[0]["grad_steps"] and stats[0]["cached_steps"] == 0
+    assert stats[0]["grad_steps"] - stats[0]["revisions_accepted"] in (0, 1)
+    assert stats[1]["grad_steps"] - stats[1]["revisions_accepted"] > 1
 
 
 def test_optimized_variable_stays_fp32_and_moves_for_bf16_logits():
@@ -278,6 +312,43 @@ def test_rejection_sampling_never_returns_a_worse_draft(tok, lm, rm, seed):
     assert st["model_calls"] == st["generated_tokens"] + 4 * st["grad_steps"] + 1 + st["revisions_proposed"]
 
 
+def test_a_proposal_is_compared_with_the_current_draft(tok, lm, rm, monkeypatch):
+    """Each acceptance test weighs the proposal against the draft that stands now (the last accepted one), not
+    against the first draft."""
+    tests, real_accept = [], nabla.accept
+    monkeypatch.setattr(nabla, "accept", lambda proposed, current: tests.append((proposed, current))
+                        or real_accept(proposed, current))
+    accepted_later = 0
+    for seed in range(4):
+        tests.clear()
+        st = NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=seed).stats
+        current = st["reward_initial"]
+        for proposed, compared in tests:
+            assert compared == current
+            accepted_later += proposed > current and current != st["reward_initial"]
+            current = max(current, proposed)
+        assert current == st["reward_final"]
+    assert accepted_later >= 1  # a draft that replaced a revision: comparing with the first would differ
+
+
+def test_dto_passes_run_the_token_dto_asks_for_before_the_rest_of_the_draft(tok, lm, rm, monkeypatch):
+    passes, checked = [], []
+    real_pass, real_dto = nabla.ahead_loss_and_grads, nabla.dto
+    monkeypatch.setattr(nabla, "ahead_loss_and_grads", lambda lm_, rm_, vmap, prefix, ahead, *args:
+                        passes.append(list(ahead)) or real_pass(lm_, rm_, vmap, prefix, ahead, *args))
+
+    def spy_dto(z0, full_grad, cfg, first=None, to_logits=lambda x: x):
+        other = (first[0] + 1) % lm.config.vocab_size
+        full_grad(other)
+        full_grad(first[0])
+        checked.append(passes[-2] == [other] + passes[-1][1:] and passes[-1][0] == first[0])
+        return real_dto(z0, full_grad, cfg, first, to_logits)
+
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=0)
+    assert checked and all(checked)
+
+
 def test_rejection_sampling_rejects_and_accepts_across_seeds(tok, lm, rm):
     stats = [NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=s).stats for s in range(6)]
     accepted = sum(s["revisions_accepted"] for s in stats)
@@ -290,6 +361,7 @@ def test_rejection_sampling_rejects_and_accepts_across_seeds(tok, lm, rm):
 @pytest.mark.parametrize("max_rollouts,max_new_tokens", [(1, 12), (2, 5), (3, 16), (8, 9)])
 def test_rollout_budget_and_length_limit(tok, lm, rm, max_rollouts, max_new_tokens):
     cfg = replace(FAST, max_rollouts=max_rollouts, max_new_tokens=max_new_tokens)
+    spent = 0
     for seed in range(2):
         out = NablaReasoner(lm, tok, rm, tok, cfg).generate(PROMPT, seed=seed)
         assert 1 <= out.stats["rollouts"] <= max_rollouts
@@ -297,6 +369,8 @@ def test_rollout_budget_and_length_limit(tok, lm, rm, max_rollouts, max_new_toke
         assert out.stats["generated_tokens"] <= max_rollouts * max_new_tokens
         if max_rollouts == 1:
             assert out.stats["optimized_tokens"] == 0
+        spent += out.stats["rollouts"] == max_rollouts
+    assert spent >= 1  # the last rollout of the budget is used too
 
 
 def test_same_seed_same_output(tok, lm, rm):
@@ -317,10 +391,13 @@ def test_without_reward_model_dto_follows_likelihood_and_keeps_every_revision(to
     assert st["model_calls"] == st["generated_tokens"] + 2 * st["grad_steps"]
 
 
-def test_latent_space_optimization_runs(tok, lm, rm):
+def test_latent_space_optimization_runs_and_redraws_from_vocabulary_logits(tok, lm, rm, monkeypatch):
+    widths, real_sample = [], nabla.sample_top_p
+    monkeypatch.setattr(nabla, "sample_top_p", lambda z, *args: widths.append(z.shape[-1]) or real_sample(z, *args))
     out = NablaReasoner(lm, tok, rm, tok, replace(FAST, space="latents")).generate(PROMPT, seed=0)
     assert out.stats["optimized_tokens"] >= 1 and out.stats["cached_steps"] >= 1
     assert out.stats["reward_final"] >= out.stats["reward_initial"]
+    assert len(widths) == out.stats["optimized_tokens"] and set(widths) == {lm.config.vocab_size}  # not [d]
 
 
 def test_output_is_the_response_only(tok, lm, rm):
@@ -586,17 +663,24 @@ def test_dto_starts_from_the_selected_positions_logits_with_its_drafted_tokens_g
     from selection is the one of the drafted token there."""
     seen, selections = [], []
     real_pass, real_select, real_dto = nabla.ahead_loss_and_grads, nabla.select_position, nabla.dto
+    real_rows = NablaReasoner._rows_after
 
     def spy_pass(lm_, rm_, vmap, prefix, ahead, *args):
         seen.append((list(prefix.lm_ids), list(ahead)))
         return real_pass(lm_, rm_, vmap, prefix, ahead, *args)
+
+    def spy_rows(self, step, start):  # the last selection's draft stands, `start` more of its tokens committed
+        (ids, ahead), _ = selections[-1]
+        seen.append((ids + ahead[:start], ahead[start:]))
+        checked["reused"] += 1
+        return real_rows(self, step, start)
 
     def spy_select(step, cfg, grads_of, chunk=64):
         s, grad = real_select(step, cfg, grads_of, chunk)
         selections.append((seen[-1], s))
         return s, grad
 
-    checked = {"differs_from_argmax": 0}
+    checked = {"differs_from_argmax": 0, "reused": 0}
 
     def spy_dto(z0, full_grad, cfg, first=None, to_logits=lambda x: x):
         (ids, ahead), s = selections[-1]
@@ -613,10 +697,12 @@ def test_dto_starts_from_the_selected_positions_logits_with_its_drafted_tokens_g
     monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
     monkeypatch.setattr(nabla, "select_position", spy_select)
     monkeypatch.setattr(nabla, "dto", spy_dto)
+    monkeypatch.setattr(NablaReasoner, "_rows_after", spy_rows)
     for seed in range(3):
         NablaReasoner(lm, tok, rm, tok, replace(FAST, space=space, confidence_threshold=0.015)).generate(PROMPT,
                                                                                                       seed=seed)
     assert checked["differs_from_argmax"] >= 1  # sampled drafts: the drafted token is not always the argmax
+    assert checked["reused"] >= 1  # and some selections read the rows of a pass over a draft that stood
     assert any(s > 0 for _, s in selections)  # and selection sometimes skips tokens
 
 
@@ -678,6 +764,8 @@ def test_sample_top_p_follows_temperature_and_top_k():
     assert top2[2:].sum() == 0 and abs(top2[0] - logits[:2].softmax(-1)[0]) < 0.03
     # top-k first, then the nucleus of what is left
     assert (frequencies(temperature=1.0, top_p=0.5, top_k=3) == torch.tensor([1.0, 0, 0, 0, 0])).all()
+    # the nucleus of the tempered distribution: at T = 0.25 token 0 alone holds 98% (untempered, 48%)
+    assert (frequencies(temperature=0.25, top_p=0.95) == torch.tensor([1.0, 0, 0, 0, 0])).all()
 
 
 def test_learning_rate_schedule_is_the_authors_clipped_cosine():
@@ -696,6 +784,16 @@ def test_dto_steps_follow_adam_and_the_schedule():
     assert (n_full, n_cached) == (1, cfg.dto_iters - 1)
     moved = cfg.lr * sum(nabla.lr_factor(t, cfg) for t in range(cfg.dto_iters))
     assert z[1].item() == pytest.approx(moved, rel=0.02) and 1 - z[0].item() == pytest.approx(moved, rel=0.02)
+    # The same steps from Adam written out with PyTorch's defaults (β = 0.9, 0.999; ε = 1e-8), as the authors use it,
+    # on the straight-through gradient p ⊙ (G - <p, G>) of <G, one-hot>.
+    x, m, v, G = z0.clone(), torch.zeros(2), torch.zeros(2), torch.tensor([0.0, -1e-3])
+    for t in range(cfg.dto_iters):
+        p = x.softmax(-1)
+        g = p * (G - (p * G).sum())
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        m_hat, v_hat = m / (1 - 0.9 ** (t + 1)), v / (1 - 0.999 ** (t + 1))
+        x = x - cfg.lr * nabla.lr_factor(t, cfg) * m_hat / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(z, x, rtol=0, atol=1e-6)
 
 
 def test_gradient_norm_threshold_floor_from_the_likelihood_term():
@@ -806,6 +904,8 @@ def test_a_revision_of_the_last_allowed_token_rolls_out_nothing(tok, lm, rm):
     runs = [NablaReasoner(lm, tok, rm, tok, replace(FAST, max_new_tokens=1)).generate(PROMPT, seed=s).stats
             for s in range(4)]
     assert any(run["revisions_proposed"] for run in runs) and all(run["generated_tokens"] == 1 for run in runs)
+    # a proposal with no room left still counts as a rollout of the budget, and its draft is scored
+    assert all(run["rollouts"] == 1 + run["revisions_proposed"] for run in runs)
 
 
 def test_a_redraw_of_the_drafted_token_rolls_out_nothing(tok, lm, rm, monkeypatch):
