@@ -152,22 +152,21 @@ def peak_memory_gb(fn) -> float:
 
 @contextlib.contextmanager
 def counting_selection_reuse():
-    """Count the DTO runs that the selection gradient (dto's `first`) saves a pass: those whose argmax is, at some
-    iteration, the drafted token."""
+    """Count the DTO runs in which the selection gradient (dto's `first`) saves a full pass: each run is replayed
+    without it, on the gradients it used (no model runs), and the passes of the two are compared."""
     original, count = nabla.dto, dict(offered=0, reused=0)
 
     def dto(z0, full_grad, cfg, first=None, to_logits=lambda z: z):
-        argmaxes = []  # of each iteration, then of the returned logits; read after dto, which syncs once an iteration
+        grads = dict([first] if first else [])
 
-        def seen(z):
-            logits = to_logits(z)
-            argmaxes.append(logits.detach().argmax())
-            return logits
+        def recording(token: int) -> torch.Tensor:
+            grads[token] = full_grad(token)
+            return grads[token]
 
-        out = original(z0, full_grad, cfg, first=first, to_logits=seen)
+        out = original(z0, recording, cfg, first=first, to_logits=to_logits)
         if first is not None and cfg.dto_iters > 0:
             count["offered"] += 1
-            count["reused"] += first[0] in torch.stack(argmaxes[:cfg.dto_iters if cfg.grad_cache else 1]).tolist()
+            count["reused"] += original(z0, grads.__getitem__, cfg, to_logits=to_logits)[1] - out[1]
         return out
 
     with unittest.mock.patch.object(nabla, "dto", dto):
