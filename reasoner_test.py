@@ -558,12 +558,18 @@ def test_reasoner_freezes_weights_so_autograd_saves_less(tok):
 def test_selection_pass_is_released_before_dto(tok, lm, rm, monkeypatch):
     """The selection pass's [ahead x vocabulary] log-probs (0.6 GB at 1024 x 152k in fp32) are gone
     before DTO runs its own passes."""
-    live = []
-    real_pass, real_dto = nabla.ahead_loss_and_grads, nabla.dto
+    live, reread = [], []
+    real_pass, real_dto, real_rows = nabla.ahead_loss_and_grads, nabla.dto, NablaReasoner._rows_after
 
     def spy_pass(*args, **kwargs):
         step = real_pass(*args, **kwargs)
         live.append(weakref.ref(step.logp))
+        return step
+
+    def spy_rows(*args):  # a pass's later rows, read again while its draft stands: their log-probs go too
+        step = real_rows(*args)
+        live.append(weakref.ref(step.logp))
+        reread.append(len(step.g_lm))
         return step
 
     def spy_dto(*args, **kwargs):
@@ -573,8 +579,9 @@ def test_selection_pass_is_released_before_dto(tok, lm, rm, monkeypatch):
 
     monkeypatch.setattr(nabla, "ahead_loss_and_grads", spy_pass)
     monkeypatch.setattr(nabla, "dto", spy_dto)
+    monkeypatch.setattr(NablaReasoner, "_rows_after", spy_rows)
     out = NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=0)
-    assert out.stats["optimized_tokens"] >= 2
+    assert out.stats["optimized_tokens"] >= 2 and reread
 
 
 # ------------------------------------------------------------------------------------------ fast rollouts
