@@ -17,7 +17,6 @@ every file as it found it, and so is a run on a results file that another run is
 """
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +25,7 @@ import re
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 try:
@@ -180,12 +179,9 @@ def is_correct(text: str, gold: str) -> bool:
 
 
 def _vote(parsed: list[list]) -> tuple[int, list[list[int]]]:
-    """Self-consistency over parsed answers: (the sample to return, the groups of equivalent samples).
-
-    Samples without an answer do not vote. The largest group wins; among equal groups the one whose
-    first sample came first (groups are made in sample order and max() keeps the first maximum).
-    With no answer at all, the first sample is returned.
-    """
+    """Self-consistency over parsed answers: (the sample to return, the groups of equivalent samples). Samples
+    without an answer do not vote; the largest group wins, of equal ones the one formed first (max() keeps the
+    first maximum); with no answer at all, the first sample is returned."""
     groups: list[list[int]] = []
     for i, answer in enumerate(parsed):
         if answer:
@@ -275,12 +271,10 @@ def score_batch(models: Models, pairs: list[tuple[str, str]], batch: int = 16) -
 def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int = 0,
           config: NablaConfig | None = None) -> list[dict]:
     """Answer prompts with one method, as {"response", "model_calls", "forward_token_equivalents",
-    "generated_tokens", "wall_time_s", "stats"} each.
-
-    n: samples for sc and bon, rollout budget (max_rollouts) for nabla; greedy ignores it. config: the length
-    limit and sampling of every method, and ∇-Reasoner's settings. greedy, sc and bon sample all prompts in one
-    batch seeded with `seed` (so sc and bon draw differently than one at a time; greedy only in bf16); nabla
-    answers them one after another. For sc the response is the first sample whose answer won."""
+    "generated_tokens", "wall_time_s", "stats"} each. n: samples for sc and bon, rollout budget (max_rollouts) for
+    nabla; greedy ignores it. config: every method's length limit and sampling, and ∇-Reasoner's settings. greedy,
+    sc and bon sample all prompts in one batch seeded with `seed` (so sc and bon draw differently than one at a
+    time; greedy only in bf16); nabla answers them one after another."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if n < 1:
@@ -291,13 +285,13 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
     if method in ("sc", "bon") and config.rollout_temperature <= 0 and n > 1:
         raise ValueError(f"{method} with n > 1 needs sampling (rollout_temperature > 0): greedy samples are all alike")
     if method == "nabla":
-        reasoner = models.reasoner(dataclasses.replace(config, max_rollouts=n))
+        reasoner = models.reasoner(replace(config, max_rollouts=n))
         outs = [reasoner.generate(prompt, seed=seed) for prompt in prompts]
         return [{"response": out.text, "stats": out.stats, **{k: out.stats[k] for k in (
             "model_calls", "forward_token_equivalents", "generated_tokens", "wall_time_s")}} for out in outs]
     start = time.perf_counter()
     if method == "greedy":
-        config, n = dataclasses.replace(config, rollout_temperature=0), 1
+        config, n = replace(config, rollout_temperature=0), 1
     batches = sample(models, prompts, n, seed, config)
     if method == "bon":
         rewards, rm_tokens = score_batch(models, [(p, s.scored_text) for p, ss in zip(prompts, batches) for s in ss])
@@ -306,7 +300,7 @@ def solve(method: str, prompts: list[str], models: Models, n: int = 8, seed: int
         tokens = calls = sum(s.tokens for s in samples)
         fte = sum(s.prompt_tokens + max(s.tokens - 1, 0) for s in samples)
         stats, chosen = {"sample_tokens": [s.tokens for s in samples]}, 0
-        if method == "sc":
+        if method == "sc":  # the first sample whose answer won
             parsed = [_parse(s.text) for s in samples]
             chosen, groups = _vote(parsed)
             stats.update(answers=[_answer_string(p) for p in parsed], groups=groups)
@@ -395,11 +389,6 @@ def _load_tokenizer(name: str):
 
 
 # Records: one JSON line per problem and method, one file per shard, and the settings manifest ------------
-def shard_path(output: Path, shard: int, shards: int) -> Path:
-    """results/math500.jsonl, or results/math500.rank3.jsonl for shard 3 of several."""
-    return output if shards == 1 else output.with_name(f"{output.stem}.rank{shard}{output.suffix}")
-
-
 def rank_files(output: Path) -> list[Path]:
     """The shard files beside `output` (<stem>.rank<i><suffix>), whatever the number of shards, in rank order."""
     pattern = re.compile(re.escape(output.stem) + r"\.rank(\d+)" + re.escape(output.suffix))
@@ -483,6 +472,10 @@ def write_atomically(path: Path, text: str, exclusive: bool = False) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_records(path: Path, records) -> None:
+    write_atomically(path, "".join(_to_json(r) + "\n" for r in records))
+
+
 class Busy(InputError):
     """Another run holds the lock of a results file."""
 
@@ -505,11 +498,6 @@ def exclusive_lock(path: Path):
         yield
 
 
-def tidy_for_resume(path: Path, finished: dict) -> None:
-    """Keep only the finished results, so that appending keeps the file clean."""
-    write_atomically(path, "".join(_to_json(r) + "\n" for r in finished.values()))
-
-
 def method_settings(method: str, args, config: NablaConfig, dtype: torch.dtype, device: torch.device,
                     data_hash: str) -> dict:
     """Everything a result of this method depends on besides its problem: what records and the manifest hold."""
@@ -523,8 +511,7 @@ def method_settings(method: str, args, config: NablaConfig, dtype: torch.dtype, 
     if method in NEEDS_REWARD_MODEL:
         settings["reward_model"] = args.reward_model
     if method == "nabla":
-        nabla = dataclasses.asdict(dataclasses.replace(config, max_rollouts=args.n))
-        settings.update({f"nabla.{k}": v for k, v in nabla.items()})
+        settings.update({f"nabla.{k}": v for k, v in asdict(replace(config, max_rollouts=args.n)).items()})
     else:  # not the batch size: like the shard layout, it is how the work is split, and each record names its batch
         settings["compile"] = args.compile
     return settings
@@ -572,11 +559,9 @@ def settings_on_record(output: Path, files: list[Path], refusal: str) -> tuple[d
 
 def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> list[dict]:
     """Refuse, changing nothing, unless this run's settings are those on record for `output`; else return the
-    records of `output` and its shard files (all of the same settings).
-
-    The first run (or shard) on an output writes every method's settings to the manifest, so that a method
-    added later is checked too; an output from before manifests keeps its records' settings there. Of shards
-    started at once exactly one creates it (exclusively); the others compare with it."""
+    records of `output` and its shard files. The first run (or shard) writes every method's settings to the
+    manifest, so that a method added later is checked too (an output from before manifests keeps its records'
+    settings there). Of shards started at once exactly one creates it (exclusively); the others compare."""
     path = beside(output, "manifest")
     for attempt in range(2):  # a second look when another shard wrote the manifest while this one looked
         reference, records = settings_on_record(output, [output, *rank_files(output)], "pick another --output")
@@ -636,7 +621,7 @@ def merge(output: Path, ranks: list[Path], config: dict | None = None, keys: set
     with exclusive_lock(output):  # then read again, with no other run writing `output`
         reference, records = settings_on_record(output, [output, *ranks], "nothing was merged")
         combined = sorted(best_records(records).values(), key=lambda r: (r.get("index", 0), METHODS.index(r["method"])))
-        write_atomically(output, "".join(_to_json(r) + "\n" for r in combined))
+        write_records(output, combined)
     if config is None:  # --merge: the settings of the methods merged, from the manifest or the first records
         config = {"settings": {m: reference[m][0] for m in METHODS if any(r["method"] == m for r in combined)}}
     config = {**config, "shard": None, "merged_from": [str(p) for p in ranks]}
@@ -666,7 +651,8 @@ def evaluate(args) -> int:
     config = NablaConfig(max_new_tokens=args.max_new_tokens, grad_norm_threshold=args.grad_norm_threshold,
                          rollout_top_k=args.top_k, resample_top_k=args.top_k, fast_rollout=args.compile)
     settings = {m: method_settings(m, args, config, dtype, device, data_hash) for m in METHODS}
-    path, ranks = shard_path(output, shard, shards), [shard_path(output, s, shards) for s in range(shards)]
+    ranks = [output.with_name(f"{output.stem}.rank{s}{output.suffix}") for s in range(shards)]  # when sharded
+    path = output if shards == 1 else ranks[shard]  # results/math500.jsonl or results/math500.rank3.jsonl
 
     # Refuse before anything is loaded or changed. The manifest is written once the models have loaded, so
     # that a typo in --model leaves none behind; agreeing again compares with a shard that wrote it meanwhile.
@@ -687,12 +673,12 @@ def evaluate(args) -> int:
                                  device, dtype)
             if "nabla" in methods:  # fail now, not on every problem, if ∇-Reasoner cannot use these models
                 try:
-                    models.reasoner(dataclasses.replace(config, max_rollouts=args.n))
+                    models.reasoner(replace(config, max_rollouts=args.n))
                 except ValueError as e:
                     raise InputError(f"∇-Reasoner cannot use these models: {first_line(e)}") from None
         agree_on_settings(output, settings, methods, write=True)
         if untidy:
-            tidy_for_resume(path, done)
+            write_records(path, done.values())  # only the finished results, so that appending keeps it clean
         label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
         run_all(todo, [r for k, r in done.items() if k in keys], methods, models, args, config, settings, path, label)
 
@@ -727,10 +713,9 @@ def prepare_output(output: Path) -> None:
 def batches(todo: list[tuple[Problem, str]], batch_size: int) -> list[tuple[list[Problem], str]]:
     """The work in calls of solve: baselines batch_size problems at a time, method by method (a batch holds
     one method); ∇-Reasoner one problem at a time. With batches of one, in the order of `todo`."""
-    if batch_size == 1:
-        return [([p], m) for p, m in todo]
     out: list[tuple[list[Problem], str]] = []
-    for problem, method in sorted(todo, key=lambda pm: (METHODS.index(pm[1]), pm[0].index)):
+    order = todo if batch_size == 1 else sorted(todo, key=lambda pm: (METHODS.index(pm[1]), pm[0].index))
+    for problem, method in order:
         if out and out[-1][1] == method != "nabla" and len(out[-1][0]) < batch_size:
             out[-1][0].append(problem)
         else:

@@ -379,12 +379,12 @@ def test_resume_repairs_what_a_kill_left_at_the_end_of_the_file(tmp_path):
     finished, untidy = em.finished_records(path)
     assert finished == {("a", "greedy"): done} and untidy  # the failed problem will be retried
     assert path.read_text() == before  # reading changes nothing
-    em.tidy_for_resume(path, finished)
+    em.write_records(path, finished.values())
     assert path.read_text() == json.dumps(done) + "\n"
     path.write_text(json.dumps(done) + "\n" + '{"id": "b", "meth')  # cut off in the middle
     finished, untidy = em.finished_records(path)
     assert list(finished) == [("a", "greedy")] and untidy
-    em.tidy_for_resume(path, finished)
+    em.write_records(path, finished.values())
     assert path.read_text() == json.dumps(done) + "\n"
     assert em.finished_records(path)[1] is False
 
