@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{n['cached_steps']} of {iterations}" + (f" ({rate:.2f})" if iterations else ""), grad_cache_skip_rate=rate)
     row("full passes saved by the selection gradient (drafted token = an argmax)", f"{reuse['reused']} of "
         f"{reuse['offered']}", selection_reuse=reuse["reused"], selection_reuse_offered=reuse["offered"])
+    dto_passes = iterations - n["cached_steps"]  # every other pass selected tokens (a standing draft runs none)
+    row("full gradient passes: to select tokens + in DTO", f"{n['grad_steps'] - dto_passes} + {dto_passes}")
 
     # 3. Rollouts by NablaReasoner._rollout: generate on a cache of the given KV, the same length, sampling and seed.
     new, rollouts, counts = shape["rollout"], {}, defaultdict(int)
