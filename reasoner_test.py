@@ -1,7 +1,9 @@
 """Tests of nabla.py on tiny models built in-process (tiny.py); CPU, fp32."""
 import copy
 import gc
+import logging
 import math
+import time
 import warnings
 import weakref
 from dataclasses import replace
@@ -9,9 +11,12 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer, decoders, models as token_models
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 import nabla
-from tiny import PRINTABLE, make_lm, make_rm, make_tokenizer
+from tiny import CHAT_TEMPLATE, PRINTABLE, SPECIALS, char_tokenizer, make_lm, make_rm, make_tokenizer, tiny_config
 from nabla import (AheadGrads, NablaConfig, NablaReasoner, Prefix, _keep, accept, ahead_loss_and_grads, align_vocab,
                    chat_prompt_ids, dto, eos_token_ids, onehot_grads, reward_template, sample_top_p, score,
                    select_position, straight_through_onehot, token_entropy)
@@ -819,7 +824,8 @@ def test_gradient_norm_threshold_floor_from_the_likelihood_term():
 def test_reward_splice_mismatch_is_counted_and_warned_for_a_template_that_strips(tok, lm, rm):
     """A template that trims the response (as Qwen3's strips leading newlines) changes what the reward
     model reads from text, but not the token splice the loss uses: counted and warned."""
-    stripping = make_tokenizer(chat_template=tok.chat_template.replace("{{ m['content'] }}", "{{ m['content'] | trim }}"))
+    stripping = make_tokenizer(chat_template=tok.chat_template.replace("{{ m['content'] }}",
+                                                                       "{{ m['content'] | trim }}"))
     reasoner = NablaReasoner(lm, tok, rm, stripping, FAST)
     before, after = reward_template(stripping, PROMPT)
     stats = dict(model_calls=0, forward_token_equivalents=0, reward_splice_mismatches=0)
@@ -1023,3 +1029,183 @@ def test_selection_finds_the_first_big_gradient_past_the_first_chunk():
     s, grad = select_position(fake_step([0.5] * 5), NablaConfig(),
                               lambda p: torch.tensor([[norms[i], 0.0] for i in p.tolist()]), chunk=2)
     assert s == 2 and grad.tolist() == [9.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------ helpers, one mutant each
+
+
+def bang_first_tokenizer():
+    """Printable characters with "!" at id 0 and the special tokens last, as in Qwen2.5's vocabulary."""
+    symbols = ["!"] + [c for c in PRINTABLE if c != "!"]
+    backend = Tokenizer(token_models.BPE(vocab={s: i for i, s in enumerate(symbols + SPECIALS)}, merges=[]))
+    backend.add_special_tokens(SPECIALS)
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def fresh_stats():
+    return dict.fromkeys(nabla.STATS, 0)
+
+
+# ------------------------------------------------------------------------------------------ vocabularies
+
+
+def test_a_token_with_reward_id_zero_is_read_scored_and_covered(tok, lm):
+    """Qwen2.5's id 0 is "!": a reward-model id of 0 is a real token, not a missing one (-1)."""
+    rm_tok = bang_first_tokenizer()
+    rm = make_rm(rm_tok)
+    vocab_map = align_vocab(tok, rm_tok, lm.config.vocab_size, min_overlap=1.0)  # every LM token is there
+    bang = tok.convert_tokens_to_ids("!")
+    assert vocab_map[bang] == 0
+    cfg = NablaConfig(likelihood_coeff=0.5)
+    ahead = ids_of(tok, "5! = x") + [tok.eos_token_id]
+    ref_loss, ref = reference_grads(lm, rm, tok, rm_tok, vocab_map, "2+3! is ", ahead, cfg, eos={tok.eos_token_id})
+    prefix = make_prefix(lm, rm, tok, rm_tok, vocab_map, "2+3! is ")
+    step = ahead_loss_and_grads(lm, rm, vocab_map, prefix, ahead, cfg, {tok.eos_token_id})
+    assert step.loss.item() == pytest.approx(ref_loss, abs=1e-5)
+    torch.testing.assert_close(onehot_grads(step, torch.arange(len(ahead)), lm, rm, vocab_map, cfg), ref, rtol=0,
+                               atol=1e-5)
+    reasoner = NablaReasoner(lm, tok, rm, rm_tok, FAST)
+    out = reasoner._answer(ids_of(tok, "5!"), None, fresh_stats(), time.perf_counter())
+    assert out.stats["rm_token_coverage"] == 1.0
+
+
+def test_vocabulary_map_has_one_entry_per_embedding_row(tok):
+    """Qwen2.5-7B has 152,064 embedding rows for 151,665 tokens: rows past the tokenizer map to nothing, and the
+    overlap is over the tokenizer's tokens; a tokenizer longer than the embedding is cut to it."""
+    V = len(tok)
+    padded = align_vocab(tok, tok, 2 * V)
+    assert len(padded) == 2 * V and torch.equal(padded[:V], torch.arange(V)) and (padded[V:] == -1).all()
+    assert len(align_vocab(tok, tok, V - 3)) == V - 3
+    missing_two = make_tokenizer(chars=[c for c in PRINTABLE if c not in "qz"])
+    align_vocab(tok, missing_two, V, min_overlap=(V - 2) / V)  # "at least" the overlap asked for: exactly it passes
+    with pytest.raises(ValueError):
+        align_vocab(tok, missing_two, V, min_overlap=(V - 1) / V)
+
+
+def test_ids_past_the_reward_models_embedding_map_to_nothing(tok, lm):
+    config = tiny_config(tok, 64, 2, num_labels=1)
+    config.vocab_size = len(tok) - 1  # its tokenizer has one token more than its embedding rows
+    torch.manual_seed(1)
+    small = transformers.Qwen2ForSequenceClassification(config).eval()
+    vocab_map = NablaReasoner(lm, tok, small, tok, FAST).vocab_map
+    assert vocab_map[-1] == -1 and torch.equal(vocab_map[:-1], torch.arange(len(tok) - 1))
+
+
+# ------------------------------------------------------------------------------------------ heads with a bias
+
+
+def test_the_reward_heads_bias_is_part_of_the_score(tok, rm):
+    biased = copy.deepcopy(rm)
+    biased.score = torch.nn.Linear(rm.config.hidden_size, 1, bias=True)
+    with torch.no_grad():
+        biased.score.weight.copy_(rm.score.weight)
+        biased.score.bias.fill_(0.75)
+    ids = nabla.reward_ids(tok, PROMPT, "it is 5")
+    assert score(biased, tok, PROMPT, "it is 5") == pytest.approx(biased(torch.tensor([ids])).logits[0, 0].item(),
+                                                                  abs=1e-5)
+
+
+def test_latent_logits_are_the_output_heads_with_its_bias(tok, lm):
+    biased = copy.deepcopy(lm)
+    head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(lm.lm_head.weight)
+        head.bias.copy_(torch.randn(lm.config.vocab_size))
+    biased.lm_head = head
+    reasoner = NablaReasoner(biased, tok, None, None, replace(FAST, space="latents"))
+    h = torch.randn(lm.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(reasoner._latent_logits(h), head(h), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ end of a turn
+
+
+def test_only_the_first_special_token_after_an_answer_ends_a_turn(tok, lm):
+    base, end_of_text, end_of_turn = copy.deepcopy(lm), tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    base.generation_config.eos_token_id = end_of_text
+    other = copy.deepcopy(tok)
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|><|im_start|>{% endfor %}"
+    assert eos_token_ids(base, other) == [end_of_text, end_of_turn]
+    # an added token that is not special (a word of the vocabulary) does not end a turn
+    worded = char_tokenizer(PRINTABLE, words=["END"])
+    worded.chat_template = "{% for m in messages %}{{ m['content'] }}END<|im_end|>{% endfor %}"
+    assert eos_token_ids(base, worded) == [end_of_text, worded.convert_tokens_to_ids("<|im_end|>")]
+
+
+# ------------------------------------------------------------------------------------------ greedy drafts
+
+
+def test_greedy_drafts_pass_no_flag_that_generation_ignores(tok, lm):
+    """Greedy drafts get generate's defaults, so that the model's do not trigger 'flags are not valid' messages."""
+    messages = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler, logger = Record(), transformers.utils.logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        sampling = nabla.draft_sampling(lm, tok, NablaConfig(rollout_temperature=0, rollout_top_k=20))
+        GenerationConfig(**sampling, max_new_tokens=3).validate()
+    finally:
+        logger.removeHandler(handler)
+    assert not sampling["do_sample"] and not [m for m in messages if "not valid" in m]
+
+
+# ------------------------------------------------------------------------------------------ templates, scoring
+
+
+def test_a_template_that_renders_the_response_twice_is_refused_with_a_clear_message(tok):
+    content = "{{ m['content'] }}"
+    twice = make_tokenizer(chat_template=CHAT_TEMPLATE.replace(content, content + content))
+    with pytest.raises(ValueError, match="once"):
+        reward_template(twice, PROMPT)
+
+
+def test_the_splice_warning_is_raised_once(tok, lm, rm):
+    stripping = make_tokenizer(chat_template=tok.chat_template.replace("{{ m['content'] }}",
+                                                                       "{{ m['content'] | trim }}"))
+    reasoner, stats = NablaReasoner(lm, tok, rm, stripping, FAST), fresh_stats()
+    before, after = reward_template(stripping, PROMPT)
+    with pytest.warns(UserWarning, match="differently"):
+        reasoner._reward(PROMPT, ids_of(tok, "\nx = 5 "), stats, before, after)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reasoner._reward(PROMPT, ids_of(tok, "\ny = 6 "), stats, before, after)
+    assert stats["reward_splice_mismatches"] == 2
+
+
+def test_special_tokens_the_lm_wrote_are_scored_as_the_loss_reads_them(tok, lm, rm):
+    reasoner, stats = NablaReasoner(lm, tok, rm, tok, FAST), fresh_stats()
+    before, after = reward_template(tok, PROMPT)
+    draft = ids_of(tok, "x") + [tok.convert_tokens_to_ids("<|im_start|>")] + ids_of(tok, "= 5")
+    reward = reasoner._reward(PROMPT, draft, stats, before, after)
+    assert stats["reward_splice_mismatches"] == 0
+    assert reward == pytest.approx(nabla.score_ids(rm, before + draft + after), abs=1e-6)
+
+
+def test_the_answer_text_and_coverage_leave_special_tokens_out(tok, lm):
+    rm_tok = make_tokenizer(chars=[c for c in PRINTABLE if c not in "qz"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reasoner = NablaReasoner(lm, tok, make_rm(rm_tok), rm_tok, FAST)
+    tokens = ids_of(tok, "q") + [tok.convert_tokens_to_ids("<|im_start|>")] + ids_of(tok, "5") + [tok.eos_token_id]
+    out = reasoner._answer(tokens, None, fresh_stats(), time.perf_counter())
+    assert out.text == "q5" and out.token_ids == tokens[:-1]
+    assert out.stats["rm_token_coverage"] == pytest.approx(2 / 3)  # q missing; <|im_start|> and 5 there; no eos
+
+
+# ------------------------------------------------------------------------------------------ the static cache
+
+
+def test_the_static_cache_is_allocated_once_in_multiples_of_256(tok, lm):
+    reasoner = NablaReasoner(lm, tok, None, None, replace(FAST, fast_rollout=True))
+    first = reasoner._static_cache((), 10)
+    assert first.layers[0].max_cache_len == 256
+    assert reasoner._static_cache((), 256) is first and reasoner._static_cache((), 200) is first
+    assert reasoner._static_cache((), 257).layers[0].max_cache_len == 512

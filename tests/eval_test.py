@@ -1111,3 +1111,161 @@ def test_a_model_that_fails_to_load_leaves_no_manifest(model_dirs, tmp_path, cap
     assert "cannot load model" in capsys.readouterr().err
     assert not (tmp_path / "math500.jsonl.manifest.json").exists()  # the corrected command is not refused
     assert run(model_dirs, out, limit=1) == 0
+
+
+# Each of the tests below fails for a mutant of eval_math.py that the tests above let through.
+def test_string_fallback_drops_mbox_spacing_commands_and_degrees():
+    assert em.is_correct("\\boxed{A, C}", "\\mbox{A, C}")                    # \mbox{} like \text{}
+    assert em.is_correct("\\boxed{\\text{A},\\;\\text{C}}", "\\text{A, C}")   # \; is only spacing
+    assert em.is_correct("\\boxed{\\text{N}30^\\circ\\text{E}}", "\\text{N30E}")  # ^\circ dropped
+
+
+def test_a_gold_that_math_verify_cannot_read_is_wrong_not_an_error():
+    assert em._parse("$\\ldots$") == []
+    assert em.is_correct("\\boxed{5}", "\\ldots") is False
+
+
+def test_unique_id_wins_over_id(tmp_path):
+    path = tmp_path / "both.json"
+    path.write_text('[{"prompt": "1+1", "answer": "2", "id": "x", "unique_id": "test/a/1.json"}]')
+    assert em.load_problems(path)[0].id == "test/a/1.json"
+
+
+def test_vote_compares_with_each_groups_first_answer_as_the_gold():
+    ineq, interval = "\\boxed{1 \\le x \\le 2}", "\\boxed{[1,2]}"  # ineq as gold accepts interval, not vice versa
+    assert em.vote([ineq, interval, ineq]) == (0, [[0, 1, 2]])
+
+
+# ---------------------------------------------------------------------------------------------- methods
+@pytest.fixture
+def special_lm(tok, lm):
+    """A policy whose greedy (and, by far, most likely) first token is <|im_start|>: special, not end-of-sequence."""
+    out, start = copy.deepcopy(lm), tok.convert_tokens_to_ids("<|im_start|>")
+    with torch.no_grad():
+        h = out.model(torch.tensor([chat_prompt_ids(tok, Q)])).last_hidden_state[0, -1]
+        out.lm_head.weight[start] = 100 * h / h.norm()
+    return out
+
+
+def test_graded_text_drops_special_tokens_and_scored_text_keeps_them(tok, special_lm, rm):
+    config = em.NablaConfig(max_new_tokens=4, rollout_temperature=0)
+    s = em.sample(em.Models(special_lm, tok), [Q], 1, seed=0, config=config)[0][0]
+    assert s.scored_text.startswith("<|im_start|>") and "<|im_start|>" not in s.text
+    assert s.scored_text.replace("<|im_start|>", "") == s.text
+    greedy = em.solve("greedy", [Q], em.Models(special_lm, tok), config=config)[0]
+    assert greedy["response"] == s.text
+    models, config = em.Models(special_lm, tok, rm, tok), em.NablaConfig(max_new_tokens=4)
+    bon = em.solve("bon", [Q], models, n=2, seed=1, config=config)[0]
+    samples = em.sample(models, [Q], 2, seed=1, config=config)[0]
+    assert all(x.scored_text != x.text for x in samples)
+    assert bon["response"] == samples[bon["stats"]["chosen"]].text
+    assert bon["stats"]["rewards"] == pytest.approx([score(rm, tok, Q, x.scored_text) for x in samples], abs=1e-5)
+
+
+def test_sc_votes_on_the_graded_text(tok, lm, monkeypatch):
+    pairs = [("\\boxed{12}", "\\boxed{1<|im_start|>2}"), ("\\boxed{12}", "\\boxed{1<|im_start|>2}"),
+             ("\\boxed{5}", "\\boxed{5}")]
+    monkeypatch.setattr(em, "sample", lambda models, prompts, n, seed, config:
+                        [[em.Sample(t, 3, 5, s) for t, s in pairs] for _ in prompts])
+    result = em.solve("sc", [Q], em.Models(lm, tok), n=3)[0]
+    assert result["stats"]["answers"] == ["12", "12", "5"] and result["stats"]["groups"] == [[0, 1], [2]]
+
+
+def test_bon_takes_the_first_of_equal_rewards(tok, lm, rm, monkeypatch):
+    monkeypatch.setattr(em, "sample", lambda models, prompts, n, seed, config:
+                        [[em.Sample(f"s{i}", 2, 5, f"s{i}") for i in range(3)] for _ in prompts])
+    monkeypatch.setattr(em, "score_batch", lambda models, pairs: ([1.0, 2.0, 2.0], [7, 7, 7]))
+    result = em.solve("bon", [Q], em.Models(lm, tok, rm, tok), n=3)[0]
+    assert (result["stats"]["chosen"], result["response"]) == (1, "s1")
+
+
+def test_nabla_gets_the_problems_seed(tok, lm, rm, monkeypatch):
+    seeds = []
+    fake = types.SimpleNamespace(generate=lambda prompt, seed: seeds.append(seed) or types.SimpleNamespace(
+        text="x", stats={"model_calls": 1, "forward_token_equivalents": 1, "generated_tokens": 1, "wall_time_s": 0.0}))
+    models = em.Models(lm, tok, rm, tok)
+    monkeypatch.setattr(models, "reasoner", lambda config: fake)
+    em.solve("nabla", [Q], models, n=2, seed=1234)
+    assert seeds == [1234]
+
+
+def test_problem_seeds_of_other_base_seed_and_index_pairs_differ():
+    assert em.problem_seed(1, 11) != em.problem_seed(11, 1)
+
+
+# ---------------------------------------------------------------------------------------------- run_batch
+ARGS = types.SimpleNamespace(prompt_suffix="", seed=0, n=2)
+
+
+def test_a_batch_is_drawn_with_its_first_problems_seed(tok, lm, monkeypatch):
+    seen = []
+    monkeypatch.setattr(em, "solve", lambda method, prompts, models, n, seed, config:
+                        seen.append(seed) or [{"response": "\\boxed{1}"} for _ in prompts])
+    problems = [em.Problem(i, str(i), f"p{i}", "1") for i in (3, 4)]
+    records = em.run_batch(problems, "sc", em.Models(lm, tok), ARGS, em.NablaConfig(), {})
+    assert seen == [em.problem_seed(0, 3)] == [records[0]["batch"]["seed"]]
+
+
+def test_run_batch_grades_with_the_gold_as_the_gold(tok, lm, monkeypatch):
+    monkeypatch.setattr(em, "solve", lambda method, prompts, models, n, seed, config:
+                        [{"response": "\\boxed{[1,2]}"} for _ in prompts])  # an interval, to an inequality gold
+    record = em.run_batch([em.Problem(0, "a", "p", "1 \\le x \\le 2")], "greedy", em.Models(lm, tok), ARGS,
+                          em.NablaConfig(), {})[0]
+    assert record["correct"] is True and record["prediction"] == "[1,2]"
+
+
+def test_a_failed_batch_shares_its_time_out_evenly(tok, lm, monkeypatch):
+    clock = iter([100.0, 110.0, 110.0])
+    monkeypatch.setattr(em, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(em, "solve", lambda *a, **k: 1 / 0)
+    problems = [em.Problem(i, str(i), f"p{i}", "1") for i in (0, 1)]
+    records = em.run_batch(problems, "sc", em.Models(lm, tok), ARGS, em.NablaConfig(), {})
+    assert [r["wall_time_s"] for r in records] == [5.0, 5.0]
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def test_settings_name_the_data_model_prompt_suffix_and_nabla_budget():
+    args = types.SimpleNamespace(model="m", max_new_tokens=4, seed=0, prompt_suffix="Box it.", n=2,
+                                 reward_model="r", compile=False)
+    s = em.method_settings("nabla", args, em.NablaConfig(), torch.float32, torch.device("cpu"), "abc")
+    assert (s["data_sha256"], s["model"], s["prompt_suffix"], s["nabla.max_rollouts"]) == ("abc", "m", "Box it.", 2)
+
+
+def test_resume_refuses_another_prompt_suffix(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, limit=1) == 0
+    assert run(model_dirs, out, "--prompt-suffix", "Put the answer in \\boxed{}.", limit=1) == 2
+    assert "(prompt_suffix: " in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _row(i, method="nabla", error=None, peak=None, grad_steps=0, calls=10, seconds=1.0):
+    return {"id": str(i), "method": method, "correct": False, "error": error, "model_calls": calls,
+            "forward_token_equivalents": calls, "generated_tokens": calls, "wall_time_s": seconds,
+            "stats": None if error else {"grad_steps": grad_steps, "rollouts": 2}, "peak_gpu_memory_gib": peak}
+
+
+def test_summary_peak_includes_failed_problems_and_stat_means_only_finished_ones(tmp_path):
+    records = [_row(0, peak=3.0, grad_steps=1), _row(1, peak=2.0, grad_steps=2),
+               _row(2, error="RuntimeError: CUDA out of memory", peak=70.0)]
+    row = em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["nabla"]
+    assert row["peak_gpu_memory_gib"] == 70.0  # the problem that ran out of memory peaked highest
+    assert row["mean_grad_passes"] == 1.5 and row["mean_reward_scores"] == 2
+
+
+def test_summary_means_keep_three_decimals(tmp_path):
+    records = [_row(i, calls=c) for i, c in enumerate((1, 2, 2))]
+    assert em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["nabla"]["mean_model_calls"] == 1.667
+
+
+# ---------------------------------------------------------------------------------------------- records
+def test_of_two_failures_the_later_is_kept():
+    first, second = ({"id": "a", "method": "sc", "error": e} for e in ("E1", "E2"))
+    assert em.best_records([first, second])[("a", "sc")] is second
+
+
+def test_a_shards_file_holds_only_its_own_problems(model_dirs, tmp_path):
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out) == 0  # unsharded: problems 0, 1, 2
+    assert run(model_dirs, out, "--shard", "0/2") == 0  # finds its problems in the output, copies only them
+    assert [r["index"] for r in read_jsonl(tmp_path / "math500.rank0.jsonl")] == [0, 2]
