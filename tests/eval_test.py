@@ -1269,3 +1269,23 @@ def test_a_shards_file_holds_only_its_own_problems(model_dirs, tmp_path):
     assert run(model_dirs, out) == 0  # unsharded: problems 0, 1, 2
     assert run(model_dirs, out, "--shard", "0/2") == 0  # finds its problems in the output, copies only them
     assert [r["index"] for r in read_jsonl(tmp_path / "math500.rank0.jsonl")] == [0, 2]
+
+
+def test_baselines_summarise_zero_gradient_passes(tmp_path):
+    records = [dict(_row(0, method="greedy"), stats={"sample_tokens": [10], "chosen": 0})]
+    row = em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["greedy"]
+    assert (row["mean_grad_passes"], row["mean_reward_scores"]) == (0, 0)
+
+
+def test_a_result_this_file_holds_is_kept_not_replaced_by_another_files(model_dirs, tmp_path, capsys):
+    """Two files hold different results for one problem (e.g. a shard and an unsharded run that ran at once):
+    a run keeps the result its own file holds, and a run with nothing to copy leaves its file as it was."""
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out, "--shard", "0/2", limit=2) == 0  # problem 0 in the shard's file
+    assert run(model_dirs, out, limit=2) == 0  # copies it, solves problem 1
+    rank0 = tmp_path / "math500.rank0.jsonl"
+    rank0.write_text("".join(json.dumps({**r, "response": "other attempt"}) + "\n" for r in read_jsonl(rank0)))
+    before = out.read_text()
+    capsys.readouterr()
+    assert run(model_dirs, out, limit=2) == 0
+    assert out.read_text() == before and "taken from the output's other files" not in capsys.readouterr().err
