@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, decoders, models as token_models
+from tokenizers.processors import TemplateProcessing
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 import nabla
@@ -1209,3 +1210,25 @@ def test_the_static_cache_is_allocated_once_in_multiples_of_256(tok, lm):
     assert first.layers[0].max_cache_len == 256
     assert reasoner._static_cache((), 256) is first and reasoner._static_cache((), 200) is first
     assert reasoner._static_cache((), 257).layers[0].max_cache_len == 512
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_once_from_the_template(tok):
+    """The chat template writes BOS itself (Llama's does): ids are taken without the tokenizer's own specials."""
+    bos_tok = make_tokenizer()
+    bos_tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                           special_tokens=[("<|endoftext|>", tok.pad_token_id)])
+    assert bos_tok("x")["input_ids"][0] == tok.pad_token_id  # the tokenizer does add it
+    assert chat_prompt_ids(bos_tok, PROMPT) == chat_prompt_ids(tok, PROMPT)
+    assert reward_template(bos_tok, PROMPT) == reward_template(tok, PROMPT)
+    assert nabla.reward_ids(bos_tok, PROMPT, "x = 5") == nabla.reward_ids(tok, PROMPT, "x = 5")
+
+
+def test_a_kept_cache_is_a_copy_that_later_rollouts_leave_alone(tok, lm):
+    """_keep copies: a view would hold the whole cache, and the static cache of fast rollouts is refilled by the
+    next rollout."""
+    reasoner = NablaReasoner(lm, tok, None, None, replace(FAST, fast_rollout=True, rollout_temperature=0))
+    _, kv = reasoner._rollout(nabla.Prefix(chat_prompt_ids(tok, PROMPT), [], []), [], 0, fresh_stats())
+    snapshot = [(k.clone(), v.clone()) for k, v in kv]
+    assert all(k.untyped_storage().nbytes() == k.nbytes and v.untyped_storage().nbytes() == v.nbytes for k, v in kv)
+    reasoner._rollout(nabla.Prefix(chat_prompt_ids(tok, "Another question, longer"), [], []), [], 0, fresh_stats())
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv, snapshot))
