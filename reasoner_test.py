@@ -1232,3 +1232,31 @@ def test_a_kept_cache_is_a_copy_that_later_rollouts_leave_alone(tok, lm):
     assert all(k.untyped_storage().nbytes() == k.nbytes and v.untyped_storage().nbytes() == v.nbytes for k, v in kv)
     reasoner._rollout(nabla.Prefix(chat_prompt_ids(tok, "Another question, longer"), [], []), [], 0, fresh_stats())
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv, snapshot))
+
+
+def test_cached_steps_count_the_iterations_a_known_gradient_served(tok, lm, rm, monkeypatch):
+    """stats["cached_steps"]: the DTO iterations a gradient already known served, not DTO's full passes."""
+    returned, real_dto = [], nabla.dto
+
+    def spy_dto(*args, **kwargs):
+        z, n_full, n_cached = real_dto(*args, **kwargs)
+        returned.append((n_full, n_cached))
+        return z, n_full, n_cached
+
+    monkeypatch.setattr(nabla, "dto", spy_dto)
+    for seed in range(2):
+        returned.clear()
+        st = NablaReasoner(lm, tok, rm, tok, FAST).generate(PROMPT, seed=seed).stats
+        full, cached = (sum(r[i] for r in returned) for i in (0, 1))
+        assert len(returned) == st["optimized_tokens"] >= 1 and full != cached
+        assert st["cached_steps"] == cached and full + cached == FAST.dto_iters * st["optimized_tokens"]
+
+
+def test_fast_rollouts_past_the_first_256_positions(tok, lm, rm):
+    """The static cache holds the prompt and the room left, not the room alone."""
+    prompt = "What is 2+3? Think step by step, then answer. " * 7  # over 300 positions with the template
+    assert len(chat_prompt_ids(tok, prompt)) > 256
+    cfg = replace(FAST, max_new_tokens=8, rollout_temperature=0)
+    a, b = (NablaReasoner(lm, tok, rm, tok, replace(cfg, fast_rollout=f)).generate(prompt, seed=0)
+            for f in (False, True))
+    assert a.token_ids == b.token_ids and a.stats["reward_final"] == pytest.approx(b.stats["reward_final"], abs=1e-6)
