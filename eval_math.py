@@ -235,8 +235,8 @@ def sample(models: Models, prompts: list[str], n: int, seed: int, config: NablaC
     width = max(map(len, rows))
     ids = torch.tensor([[sampling["pad_token_id"]] * (width - len(r)) + r for r in rows], device=lm.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
-    with torch.no_grad(), torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
-        torch.manual_seed(seed)  # seeded locally: the caller's random state stays as it was
+    with torch.no_grad(), torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # as nabla's generate
+        torch.manual_seed(seed)  # seeded locally: the caller's random state stays as it was, on every device
         out = lm.generate(ids, attention_mask=mask, generation_config=generation)
     samples = []
     for i, row in enumerate(out[:, width:].tolist()):

@@ -50,7 +50,7 @@ STATS = ("model_calls", "forward_token_equivalents", "generated_tokens", "rollou
          "revisions_accepted", "grad_steps", "cached_steps", "optimized_tokens", "reward_splice_mismatches")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NablaConfig:
     """Settings of the paper's MATH-500 runs. AIME uses max_new_tokens=3072 and grad_norm_threshold=8."""
     max_new_tokens: int = 1024              # length limit of the response, in LM tokens
@@ -299,10 +299,13 @@ def onehot_grads(step: AheadGrads, positions: torch.Tensor, lm, rm, vocab_map: t
     the RM's input embedding (ŷ_s mapped to the RM's vocabulary, times E_rm), and directly through its
     own likelihood term c ⟨log π(· | ...), ŷ_s⟩. These are the three terms below.
     """
-    E = lm.get_input_embeddings().weight
-    grad = (step.g_lm[positions] @ E.T).float() - cfg.likelihood_coeff * step.logp[positions]
+    def through(model, g: torch.Tensor) -> torch.Tensor:  # g: ∂L/∂ rows looked up, which Gemma scales by √d
+        emb = model.get_input_embeddings()
+        return ((g * getattr(emb, "embed_scale", 1.0)) @ emb.weight.T).float()
+
+    grad = through(lm, step.g_lm[positions]) - cfg.likelihood_coeff * step.logp[positions]
     if rm is not None:
-        g_rm = (step.g_rm[positions.to(step.g_rm.device)] @ rm.get_input_embeddings().weight.T).float().to(grad.device)
+        g_rm = through(rm, step.g_rm[positions.to(step.g_rm.device)]).to(grad.device)
         grad = grad + g_rm[:, vocab_map.clamp(min=0)] * (vocab_map >= 0)
     return grad
 
@@ -381,7 +384,8 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, top_k: 
     if 0 < top_k < scaled.shape[-1]:
         scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], -math.inf)
     probs, order = scaled.softmax(-1).sort(descending=True)
-    keep = probs.cumsum(-1) - probs < top_p  # the smallest set whose mass reaches top_p (never empty)
+    keep = probs.cumsum(-1) - probs < top_p  # the smallest set whose mass reaches top_p
+    keep[0] = True  # never empty: top_p = 0 keeps the top token, as in Hugging Face
     return int(order[torch.multinomial(probs * keep, 1)])
 
 
@@ -422,6 +426,8 @@ class NablaReasoner:
         vocab_rows = lm.get_input_embeddings().weight.shape[0]
         if lm.get_output_embeddings().weight.shape[0] != vocab_rows:
             raise ValueError("the LM's input and output vocabularies differ in size")
+        if getattr(lm.config, "final_logit_softcapping", None):  # the loss reads the output head's logits as they are
+            raise ValueError("an LM with soft-capped logits (as Gemma 2's) is not supported")
         lm.requires_grad_(False)  # frozen: see the class docstring
         self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer = lm, lm_tokenizer, rm, rm_tokenizer
         self.vocab_map = self._rm_id = None
@@ -443,7 +449,7 @@ class NablaReasoner:
     def generate(self, prompt: str, seed: int = 0) -> NablaOutput:
         """Answer one prompt. The same seed on the same device gives the same output (on CUDA, as far as its
         backward kernels are deterministic: docs/deviations.md)."""
-        with torch.random.fork_rng(devices=[self.lm.device] if self.lm.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # manual_seed seeds every GPU
             torch.manual_seed(seed)  # seeded locally: the caller's random state stays as it was
             return self._decode(prompt)
 
@@ -536,10 +542,11 @@ class NablaReasoner:
         reused across rollouts and problems instead of being compiled again for every length."""
         if self._static is None or self._static.layers[0].max_cache_len < length:
             size = 256 * math.ceil(length / 256)
-            self._static = StaticCache(config=self.lm.config, max_cache_len=size)
-            if any(layer.max_cache_len < size for layer in self._static.layers):
+            static = StaticCache(config=self.lm.config, max_cache_len=size)
+            if any(layer.max_cache_len < size for layer in static.layers):  # refused every time, not only once
                 raise ValueError("fast_rollout needs full attention in every layer: this model has sliding-window "
                                  "layers, whose static cache is a ring buffer that the stored prefix cannot refill")
+            self._static = static
         self._static.reset()
         for layer, (k, v) in enumerate(kv):
             self._static.update(k, v, layer)
@@ -558,10 +565,9 @@ class NablaReasoner:
             stats["reward_splice_mismatches"] += 1
             if not self._warned:
                 self._warned = True
-                warnings.warn("the reward model reads a draft differently from text than token by token (its "
-                              "tokenizer merges differently, or its chat template changes the response): the "
-                              "reward DTO optimizes differs slightly from the one that accepts revisions; "
-                              "stats['reward_splice_mismatches'] counts the drafts affected", stacklevel=2)
+                warnings.warn("the reward model reads a draft differently from text than token by token (other "
+                              "merges, or a template that edits the response): DTO's reward differs slightly from "
+                              "the accepting one; stats['reward_splice_mismatches'] counts the drafts", stacklevel=2)
         stats["model_calls"] += 1
         stats["forward_token_equivalents"] += len(ids)
         return score_ids(self.rm, ids)

@@ -55,7 +55,7 @@ def reference_grads(lm, rm, tok, rm_tok, vocab_map, committed_text, ahead, cfg, 
     the ahead tokens as one-hot rows multiplied into the embedding matrices, full-vocabulary logits."""
     lm_ids = chat_prompt_ids(tok, PROMPT) + ids_of(tok, committed_text)
     y = F.one_hot(torch.tensor(ahead), lm.config.vocab_size).float().requires_grad_()
-    E = lm.get_input_embeddings().weight
+    E = lm.get_input_embeddings()(torch.arange(lm.config.vocab_size))  # the rows the model looks up (scaled, if so)
     emb = torch.cat([E[torch.tensor(lm_ids)], y @ E])
     logp = lm(inputs_embeds=emb[None]).logits[0].log_softmax(-1)
     loss = -cfg.likelihood_coeff * (logp[len(lm_ids) - 1:-1] * y).sum()
@@ -64,7 +64,7 @@ def reference_grads(lm, rm, tok, rm_tok, vocab_map, committed_text, ahead, cfg, 
         n_rm = len(ahead) - (ahead[-1] in eos)
         y_rm = torch.zeros(n_rm, rm.config.vocab_size).index_add(1, vocab_map, y[:n_rm])
         response = [vocab_map[t] for t in ids_of(tok, committed_text)]
-        R = rm.get_input_embeddings().weight
+        R = rm.get_input_embeddings()(torch.arange(rm.config.vocab_size))
         rm_emb = torch.cat([R[torch.tensor(before + response, dtype=torch.long)], y_rm @ R, R[torch.tensor(after)]])
         loss = loss - cfg.reward_coeff * rm(inputs_embeds=rm_emb[None]).logits[0, 0]
     loss.backward()
@@ -101,6 +101,32 @@ def test_prefix_kv_gradients_equal_full_recompute(tok, lm, shuffled_rm_vocab):
         assert step.loss == pytest.approx(ref_loss, abs=1e-5)
         torch.testing.assert_close(grads, ref, rtol=0, atol=1e-5)
     assert ref.abs().max() > 1e-3  # the comparison is not between two zeros
+
+
+def test_a_scaled_embedding_carries_its_scale_into_the_onehot_gradient(tok):
+    """Gemma looks up rows scaled by √d: ∂L/∂ŷ must carry the scale, as the reference's one-hots multiplied into
+    the rows the models look up do."""
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    lm = transformers.GemmaForCausalLM(transformers.GemmaConfig(**shape)).eval()
+    rm = transformers.GemmaForSequenceClassification(transformers.GemmaConfig(**shape, num_labels=1)).eval()
+    assert float(lm.get_input_embeddings().embed_scale) == 8.0  # √64: the case this test is about
+    vocab_map = align_vocab(tok, tok, len(tok))
+    cfg = NablaConfig(likelihood_coeff=0.5)
+    ahead = ids_of(tok, "5. So x=")
+    ref_loss, ref = reference_grads(lm, rm, tok, tok, vocab_map, "2+3 is ", ahead, cfg)
+    step = ahead_loss_and_grads(lm, rm, vocab_map, make_prefix(lm, rm, tok, tok, vocab_map, "2+3 is "), ahead, cfg)
+    assert step.loss == pytest.approx(ref_loss, abs=1e-5)
+    torch.testing.assert_close(onehot_grads(step, torch.arange(len(ahead)), lm, rm, vocab_map, cfg), ref,
+                               rtol=0, atol=1e-4)
+
+
+def test_an_lm_with_soft_capped_logits_is_refused(tok):
+    config = transformers.Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, head_dim=16,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="soft-capped logits"):
+        NablaReasoner(transformers.Gemma2ForCausalLM(config).eval(), tok)
 
 
 def test_selection_gradient_equals_first_dto_gradient_after_commit(tok, lm, rm):
@@ -301,6 +327,7 @@ def test_sampling_respects_top_p_and_temperature():
     assert draws == {0, 1}
     assert {sample_top_p(logits, 1.0, 0.3) for _ in range(50)} == {0}
     assert sample_top_p(logits, 0.0, 0.95) == 0
+    assert {sample_top_p(logits, 1.0, 0.0) for _ in range(20)} == {0}  # top_p 0 keeps the top token, as in HF
 
 
 def test_acceptance_keeps_only_strictly_better_drafts():
@@ -387,6 +414,19 @@ def test_same_seed_same_output(tok, lm, rm):
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is left as it was
     assert a.token_ids == b.token_ids and a.text == b.text and without_time(a.stats) == without_time(b.stats)
     assert a.token_ids != c.token_ids
+
+
+def test_generate_keeps_every_gpus_random_state_not_only_the_lms(tok, lm, forked):
+    """torch.manual_seed seeds every GPU, and a reward model may sit on another one: all are forked."""
+    NablaReasoner(lm, tok, config=replace(FAST, max_new_tokens=2)).generate(PROMPT)
+    assert forked == [[0, 1]]
+
+
+def test_a_reasoners_settings_cannot_change_behind_its_back(tok, lm):
+    config = NablaConfig()  # the rollouts' sampling is read once, when the reasoner is built
+    NablaReasoner(lm, tok, config=config)
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+        config.rollout_temperature = 0.0
 
 
 def test_without_reward_model_dto_follows_likelihood_and_keeps_every_revision(tok, lm):
@@ -851,15 +891,17 @@ def test_reward_model_coverage_of_the_response_is_reported(tok, lm):
     assert out.stats["rm_token_coverage"] == pytest.approx(expected)
 
 
-def test_fast_rollout_refuses_sliding_window_models(tok):
-    from transformers import Qwen2ForCausalLM
-    from tiny import tiny_config
+@pytest.mark.parametrize("first_layer", ["sliding_attention", "full_attention"])
+def test_fast_rollout_refuses_sliding_window_models_every_time(tok, first_layer):
+    """Also when the first layer has full attention, and on a second call (a caller may catch the error and go
+    on): the refused cache is not kept."""
     torch.manual_seed(0)
-    lm = Qwen2ForCausalLM(tiny_config(tok, 64, 2, use_sliding_window=True, sliding_window=16,
-                                      max_window_layers=0)).eval()
+    lm = transformers.Qwen2ForCausalLM(tiny_config(tok, 64, 2, use_sliding_window=True, sliding_window=16,
+                                                   layer_types=[first_layer, "sliding_attention"])).eval()
     reasoner = NablaReasoner(lm, tok, None, None, replace(FAST, fast_rollout=True))
-    with pytest.raises(ValueError, match="sliding-window"):
-        reasoner.generate(PROMPT)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="sliding-window"):
+            reasoner.generate(PROMPT)
 
 
 # ------------------------------------------------------------------------------------------ caches, rollouts, end of sequence

@@ -212,6 +212,11 @@ def test_sampling_is_seeded_and_ignores_the_models_own_generation_defaults(tok, 
     assert all(1 <= s.tokens <= 6 for s in samples)
 
 
+def test_sampling_keeps_every_gpus_random_state(tok, lm, forked):
+    em.sample(em.Models(lm, tok), [Q], 2, seed=0, config=em.NablaConfig(max_new_tokens=2))
+    assert forked == [[0, 1]]
+
+
 def test_a_sample_ends_at_its_end_of_sequence_token_which_counts_as_generated(tok, lm):
     config = em.NablaConfig(max_new_tokens=6, rollout_temperature=0)
     first = em.sample(em.Models(lm, tok), [Q], 1, seed=0, config=config)[0][0]
