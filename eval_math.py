@@ -209,9 +209,9 @@ class Models:
 
     def reasoner(self, config: NablaConfig) -> NablaReasoner:
         """∇-Reasoner on these models, built once per config: building one aligns two vocabularies."""
-        if (key := repr(config)) not in self.reasoners:
-            self.reasoners[key] = NablaReasoner(self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer, config)
-        return self.reasoners[key]
+        if config not in self.reasoners:  # a frozen dataclass: a key of its own
+            self.reasoners[config] = NablaReasoner(self.lm, self.lm_tokenizer, self.rm, self.rm_tokenizer, config)
+        return self.reasoners[config]
 
 
 @dataclass
