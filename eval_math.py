@@ -579,8 +579,9 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
 
 
 # Summary and merging -------------------------------------------------------------------------------------
-def write_summary(output: Path, records: list[dict], config: dict) -> dict:
-    """Accuracy, means per problem and peak memory per method, to <output>.summary.json and as a table."""
+def write_summary(output: Path, records: list[dict], config: dict, on_record: dict) -> dict:
+    """Accuracy, means per problem and peak memory per method, to <output>.summary.json and as a table; the
+    config names the settings on record of every method summarised."""
     mean = lambda values: round(sum(values) / len(values), 3) if values else None  # noqa: E731
     methods = {}
     for method in [m for m in METHODS if any(r["method"] == m for r in records)]:
@@ -600,7 +601,8 @@ def write_summary(output: Path, records: list[dict], config: dict) -> dict:
             "peak_gpu_memory_gib": round(max(peaks), 2) if peaks else None}
     summary = {"methods": methods, "accuracy_rule": ACCURACY_RULE, "counting_rule": COUNTING_RULE,
                "fte_rule": FTE_RULE, "paper_math500_qwen2.5_7b_instruct_pct": PAPER_MATH500,
-               "config": {**config, "problems": len({r["id"] for r in records})}}
+               "config": {**config, "problems": len({r["id"] for r in records}),
+                          "settings": {m: on_record[m] for m in methods}}}
     write_atomically(beside(output, "summary"), json.dumps(summary, indent=2) + "\n")
     columns = [("mean_model_calls", "model calls", ".1f"), ("mean_forward_token_equivalents", "fwd-tok-eq", ".0f"),
                ("mean_generated_tokens", "tokens", ".1f"), ("mean_seconds", "seconds", ".2f"),
@@ -614,18 +616,17 @@ def write_summary(output: Path, records: list[dict], config: dict) -> dict:
     return summary
 
 
-def merge(output: Path, ranks: list[Path], config: dict | None = None, keys: set | None = None) -> dict:
+def merge(output: Path, ranks: list[Path], config: dict | None = None, ids: set | None = None) -> dict:
     """Combine the shards' files (and what `output` holds) into `output` and its summary, if every record has
-    the settings on record; otherwise change nothing. With `keys`, the summary covers those (id, method) only."""
+    the settings on record; otherwise change nothing. With `ids`, the summary covers those problems only."""
     settings_on_record(output, [output, *ranks], "nothing was merged")  # refuse before even a lock file exists
     with exclusive_lock(output):  # then read again, with no other run writing `output`
         reference, records = settings_on_record(output, [output, *ranks], "nothing was merged")
         combined = sorted(best_records(records).values(), key=lambda r: (r.get("index", 0), METHODS.index(r["method"])))
         write_records(output, combined)
-    if config is None:  # --merge: the settings of the methods merged, from the manifest or the first records
-        config = {"settings": {m: reference[m][0] for m in METHODS if any(r["method"] == m for r in combined)}}
-    config = {**config, "shard": None, "merged_from": [str(p) for p in ranks]}
-    return write_summary(output, [r for r in combined if keys is None or (r["id"], r["method"]) in keys], config)
+    config = {**(config or {}), "shard": None, "merged_from": [str(p) for p in ranks]}
+    return write_summary(output, [r for r in combined if ids is None or r["id"] in ids], config,
+                         {m: found for m, (found, _) in reference.items()})
 
 
 # The run -------------------------------------------------------------------------------------------------
@@ -682,19 +683,22 @@ def evaluate(args) -> int:
         label = output.stem + (f" shard {shard}/{shards}" if shards > 1 else "")
         run_all(todo, [r for k, r in done.items() if k in keys], methods, models, args, config, settings, path, label)
 
+    # The summary covers this run's problems, with every method's results the file holds for them.
     run_config = {"data": str(data), "limit": args.limit, "methods": methods, "shard": f"{shard}/{shards}",
-                  "batch_size": args.batch_size, "settings": {m: settings[m] for m in methods}}
-    write_summary(path, [r for k, r in best_records(read_records(path)[0]).items() if k in keys], run_config)
+                  "batch_size": args.batch_size}
+    ids = {p.id for p in mine}
+    write_summary(path, [r for r in best_records(read_records(path)[0]).values() if r["id"] in ids], run_config,
+                  read_manifest(beside(output, "manifest")))
     if shards > 1:  # the shard that finishes last writes the combined results
         everything = {(p.id, m) for p in problems for m in methods}
         if everything <= {k for rank in ranks for k in best_records(read_records(rank)[0])}:
             try:
-                merge(output, ranks, run_config, everything)
+                merge(output, ranks, run_config, {p.id for p in problems})
             except Busy as e:  # most likely another shard that finished at the same moment, merging
                 tqdm.write(f"not merged: {e}", file=sys.stderr)
         else:
-            tqdm.write(f"not every shard has finished; the last to finish (or --merge {output.parent}) writes "
-                       f"{output}", file=sys.stderr)
+            tqdm.write(f"not every shard has finished; the last to finish (or --merge {output.parent} --output "
+                       f"{output.name}) writes {output}", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ import copy
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,7 @@ def _problems_file() -> Path:
 
 PROBLEMS = _problems_file()
 Q = "What is 2+3?"
+ON_RECORD = {m: {"method": m} for m in em.METHODS}  # settings on record, for write_summary called directly
 REQUIRED_KEYS = {"id", "method", "prompt", "response", "prediction", "answer", "correct", "model_calls",
                  "wall_time_s", "error"}
 
@@ -439,7 +441,7 @@ def test_the_summary_counts_failed_problems_as_wrong_and_keeps_failures_out_of_t
                enumerate([(True, None, 10, 1.0, 1.5), (False, None, 20, 2.0, 3.25),
                           (False, "RuntimeError: CUDA out of memory", None, 9.0, 2.0)])]
     records.append(dict(records[0], method="sc"))
-    summary = em.write_summary(tmp_path / "out.jsonl", records, {})
+    summary = em.write_summary(tmp_path / "out.jsonl", records, {}, ON_RECORD)
     row = summary["methods"]["greedy"]
     assert (row["problems"], row["correct"], row["errors"], row["accuracy_pct"]) == (3, 1, 1, 33.33)
     assert (row["mean_model_calls"], row["mean_seconds"], row["peak_gpu_memory_gib"]) == (15, 1.5, 3.25)
@@ -605,6 +607,18 @@ def test_an_unsharded_run_summarises_its_own_problems_and_merges_nothing(model_d
     assert len(read_jsonl(out)) == 2
 
 
+def test_the_summary_covers_every_methods_results_for_the_runs_problems(model_dirs, tmp_path):
+    """The README's table runs one method at a time: the summary after the last holds all of them."""
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, methods="greedy", limit=2) == 0
+    assert run(model_dirs, out, methods="sc", limit=1) == 0
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert {m: row["problems"] for m, row in summary["methods"].items()} == {"greedy": 1, "sc": 1}
+    manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())["settings"]
+    assert summary["config"]["settings"] == {m: manifest[m] for m in ("greedy", "sc")}
+    assert summary["config"]["methods"] == ["sc"]  # what this run ran
+
+
 def test_a_file_system_without_locks_is_a_warning_not_an_error(model_dirs, tmp_path, monkeypatch, capsys):
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -654,6 +668,16 @@ def test_shards_cover_every_problem_exactly_once_and_match_one_unsharded_run(mod
     assert [r["id"] for r in read_jsonl(out)] == ids
     assert json.loads((tmp_path / "sharded" / "math500.jsonl.summary.json").read_text())["methods"] == \
            summary["methods"]
+
+
+def test_the_merge_command_a_shard_suggests_works_for_any_output_name(model_dirs, tmp_path, capsys):
+    out = tmp_path / "custom.jsonl"
+    assert run(model_dirs, out, "--shard", "0/2", limit=2) == 0
+    suggested = re.search(r"or (--merge \S+ --output \S+)\)", capsys.readouterr().err)[1].split()
+    assert run(model_dirs, out, "--shard", "1/2", limit=2) == 0  # merges, being the last
+    merged = read_jsonl(out)
+    out.unlink()
+    assert em.main(suggested) == 0 and read_jsonl(out) == merged
 
 
 def test_merge_orders_by_problem_then_method_and_its_config_names_the_methods_merged(model_dirs, tmp_path):
@@ -1253,14 +1277,14 @@ def _row(i, method="nabla", error=None, peak=None, grad_steps=0, calls=10, secon
 def test_summary_peak_includes_failed_problems_and_stat_means_only_finished_ones(tmp_path):
     records = [_row(0, peak=3.0, grad_steps=1), _row(1, peak=2.0, grad_steps=2),
                _row(2, error="RuntimeError: CUDA out of memory", peak=70.0)]
-    row = em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["nabla"]
+    row = em.write_summary(tmp_path / "out.jsonl", records, {}, ON_RECORD)["methods"]["nabla"]
     assert row["peak_gpu_memory_gib"] == 70.0  # the problem that ran out of memory peaked highest
     assert row["mean_grad_passes"] == 1.5 and row["mean_reward_scores"] == 2
 
 
 def test_summary_means_keep_three_decimals(tmp_path):
     records = [_row(i, calls=c) for i, c in enumerate((1, 2, 2))]
-    assert em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["nabla"]["mean_model_calls"] == 1.667
+    assert em.write_summary(tmp_path / "out.jsonl", records, {}, ON_RECORD)["methods"]["nabla"]["mean_model_calls"] == 1.667
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -1278,7 +1302,7 @@ def test_a_shards_file_holds_only_its_own_problems(model_dirs, tmp_path):
 
 def test_baselines_summarise_zero_gradient_passes(tmp_path):
     records = [dict(_row(0, method="greedy"), stats={"sample_tokens": [10], "chosen": 0})]
-    row = em.write_summary(tmp_path / "out.jsonl", records, {})["methods"]["greedy"]
+    row = em.write_summary(tmp_path / "out.jsonl", records, {}, ON_RECORD)["methods"]["greedy"]
     assert (row["mean_grad_passes"], row["mean_reward_scores"]) == (0, 0)
 
 
