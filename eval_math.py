@@ -10,10 +10,10 @@ equivalent); bon, best-of-N (the sample the reward model scores highest); nabla,
 
 The file reads: data, grading (math-verify), methods, loading models, records and the settings manifest,
 summary and merging of shards, the run, the command line. Bad input ends the run with a one-line message and
-exit status 2. A problem that fails while running (e.g. CUDA out of memory) is recorded with its error;
-re-running the same command retries it and skips what is done. The first run (or shard) on an output writes
-its settings to a manifest beside it; any later run or shard of other settings is refused at once, leaving
-every file as it found it, and so is a run on a results file that another run is still writing.
+exit status 2; Ctrl-C, with status 130. A problem that fails while running (e.g. CUDA out of memory) is recorded
+with its error; re-running the same command retries it and skips what is done. The first run (or shard) on an
+output writes its settings to a manifest beside it; any later run or shard of other settings is refused at once,
+leaving every file as it found it, and so is a run on a results file that another run is still writing.
 """
 import argparse
 import contextlib
@@ -339,52 +339,54 @@ def _load(loader, name: str, **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        hint = "hf download REPO --local-dir PATH"
         if Path(name).is_dir():
-            where = f"the folder does not hold a loadable model ({first_line(e)})"
+            why = f"the folder does not hold a loadable model ({first_line(e)})"
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-            where = "there is no such local folder"
+            why = "there is no such folder (download a model into one with: hf download REPO --local-dir PATH)"
         else:
-            where = (f"it is not in the local Hugging Face cache and could not be fetched from the hub "
-                     f"(offline, no network, or no such repository: {first_line(e)})")
-            hint = f"hf download {name}"
-        raise InputError(f"cannot load model {name!r}: {where}; it must be downloaded first ({hint}) "
-                         f"or given as a local path") from None
+            why = (f"it is not in the local Hugging Face cache and could not be fetched from the hub (offline, no "
+                   f"network, or no such repository: {first_line(e)}); it must be downloaded first (hf download "
+                   f"{name}) or given as a local path")
+        raise InputError(f"cannot load model {name!r}: {why}") from None
 
 
 def _load_model(loader, name: str, device: torch.device, dtype: torch.dtype):
     """A model in `dtype`, in eval mode, without weight gradients, on `device`. With the accelerate package
-    installed, the weights go straight to the GPU; without it they pass through host memory first."""
+    installed, the weights go straight to the GPU; without it they pass through host memory first. A checkpoint
+    that lacks weights the loader needs (a reward model given as the policy) is refused, not filled at random."""
     try:
         import accelerate  # noqa: F401  (transformers needs it for device_map)
         placement = {"device_map": str(device)} if device.type == "cuda" else {}
     except ImportError:
         placement = {}
-    return _load(loader, name, dtype=dtype, **placement).to(device).eval().requires_grad_(False)
+    model, info = _load(loader, name, dtype=dtype, output_loading_info=True, **placement)
+    if missing := sorted(info["missing_keys"]):
+        raise InputError(f"model {name!r} lacks weights {loader.__name__} needs ({', '.join(missing[:3])}): a "
+                         f"checkpoint of another kind, e.g. a reward model given as the policy or the other way round?")
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_models(model: str, reward_model: str | None, device: torch.device, dtype: torch.dtype) -> Models:
     """Policy and (if asked for) reward model with their tokenizers, which must have chat templates."""
     tqdm.write(f"loading {model}" + (f" and {reward_model}" if reward_model else "") + f" on {device} ({dtype})",
                file=sys.stderr)
-    lm_tokenizer = _load_tokenizer(model)
+    lm_tokenizer = _load_tokenizer(model, "policy")
     lm = _load_model(AutoModelForCausalLM, model, device, dtype)
     rm = rm_tokenizer = None
     if reward_model:
-        rm_tokenizer = _load_tokenizer(reward_model)
+        rm_tokenizer = _load_tokenizer(reward_model, "reward model")
         rm = _load_model(AutoModelForSequenceClassification, reward_model, device, dtype)
         if rm.config.num_labels != 1:
             raise InputError(f"reward model {reward_model!r} has {rm.config.num_labels} outputs; it needs one score")
     return Models(lm, lm_tokenizer, rm, rm_tokenizer)
 
 
-def _load_tokenizer(name: str):
-    """The model's tokenizer, which must have a chat template: the prompt goes in its user turn."""
+def _load_tokenizer(name: str, role: str):
+    """The model's tokenizer, which must have a chat template: every method puts the problem in its user turn."""
     tokenizer = _load(AutoTokenizer, name)
-    try:
-        chat_prompt_ids(tokenizer, "1 + 1")
-    except ValueError as e:
-        raise InputError(f"model {name!r}: {first_line(e)}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{role} {name!r}: its tokenizer has no chat template, whose user turn the problem goes in; "
+                         f"set chat_template in the folder's tokenizer_config.json")
     return tokenizer
 
 
@@ -486,7 +488,11 @@ def exclusive_lock(path: Path):
     one file would do the work twice, and one's tidying (or a merge) could replace the file under the other,
     whose later results would be lost. The lock file stays: removing it would let a run that opened it just
     before lock a file that the next run cannot see."""
-    with path.with_name(f".{path.name}.lock").open("a") as handle:
+    try:
+        handle = path.with_name(f".{path.name}.lock").open("a")
+    except OSError as e:
+        raise InputError(f"{path}: cannot open its lock file ({first_line(e)})") from None
+    with handle:
         try:
             if fcntl is None:
                 raise OSError("no file locks on this platform")
@@ -560,20 +566,28 @@ def settings_on_record(output: Path, files: list[Path], refusal: str) -> tuple[d
 def agree_on_settings(output: Path, settings: dict, methods: list[str], write: bool) -> list[dict]:
     """Refuse, changing nothing, unless this run's settings are those on record for `output`; else return the
     records of `output` and its shard files. The first run (or shard) writes every method's settings to the
-    manifest, so that a method added later is checked too (an output from before manifests keeps its records'
-    settings there). Of shards started at once exactly one creates it (exclusively); the others compare."""
+    manifest, and the methods it ran, so that a method added later is checked too (an output from before
+    manifests keeps its records' settings there; settings of a method nobody ran are refused with a way to
+    change them). Of shards started at once exactly one creates it (exclusively); the others compare."""
     path = beside(output, "manifest")
     for attempt in range(2):  # a second look when another shard wrote the manifest while this one looked
         reference, records = settings_on_record(output, [output, *rank_files(output)], "pick another --output")
         for method in [m for m in methods if m in reference]:
-            if c := conflict(reference[method][0], settings[method]):
-                raise InputError(f"{reference[method][1]} was written by a run with other settings ({c[0]}: "
-                                 f"{c[1]!r} in the file, {c[2]!r} now); pick another --output or use the same options")
+            if not (c := conflict(reference[method][0], settings[method])):
+                continue
+            ran = json.loads(read_text(path)).get("ran", METHODS) if reference[method][1] == path else METHODS
+            if method not in ran and not any(r["method"] == method for r in records):  # nobody ran it with them
+                raise InputError(f"{path} holds the {method} settings of the first run on this output, which ran no "
+                                 f"{method} ({c[0]}: {c[1]!r} there, {c[2]!r} now); to run {method} with this run's, "
+                                 f"delete it (it is written again from the results), or pick another --output")
+            raise InputError(f"{reference[method][1]} was written by a run with other settings ({c[0]}: "
+                             f"{c[1]!r} in the file, {c[2]!r} now); pick another --output or use the same options")
         if not write or any(where == path for _, where in reference.values()):
             return records
         manifest = {**settings, **{method: found for method, (found, _) in reference.items()}}
+        ran = [m for m in METHODS if m in methods or any(r["method"] == m for r in records)]
         with contextlib.suppress(FileExistsError):  # another shard may get there first: compare with its manifest
-            write_atomically(path, json.dumps({"settings": manifest}, indent=1) + "\n", exclusive=True)
+            write_atomically(path, json.dumps({"settings": manifest, "ran": ran}, indent=1) + "\n", exclusive=True)
             return records
     raise InputError(f"{path}: exists but cannot be read (a broken link?); remove it")
 
@@ -642,6 +656,9 @@ def evaluate(args) -> int:
         raise InputError(f"--grad-norm-threshold must not be negative, not {args.grad_norm_threshold}")
     if args.top_k < 0:
         raise InputError(f"--top-k must be 0 (none) or more, not {args.top_k}")
+    # One folder, one setting: "lm/" and "./lm" are the model "lm" was.
+    args.model, args.reward_model = (os.path.normpath(m) if m and os.path.isdir(m) else m
+                                     for m in (args.model, args.reward_model))
     device = resolve_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
@@ -812,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-model", default=DEFAULT_REWARD_MODEL, help="reward model for bon and nabla")
     p.add_argument("--data", help="local MATH-500 JSONL or {prompt, answer, id} JSON array (default: the hub's)")
     p.add_argument("--limit", type=int, help="only the first N problems of the file")
-    p.add_argument("--n", type=int, default=8, help="samples for sc and bon, rollout budget for nabla")
+    p.add_argument("--n", "--N", type=int, default=8, help="samples for sc and bon, rollout budget for nabla "
+                   "(--N under torchrun, which reads --n as one of its own options)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="length limit of every response (AIME: 3072)")
     p.add_argument("--grad-norm-threshold", type=float, default=4.0,
                    help="∇-Reasoner optimizes a token only if its gradient norm reaches this (AIME: 8)")
@@ -850,6 +868,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"eval_math.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("eval_math.py: interrupted; the results written so far are kept, the same command resumes",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

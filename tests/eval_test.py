@@ -358,8 +358,7 @@ def test_resume_after_an_interrupted_run(model_dirs, tmp_path, monkeypatch):
         return real_solve(method, prompts, *args, **kwargs)
 
     monkeypatch.setattr(em, "solve", interrupted_solve)
-    with pytest.raises(KeyboardInterrupt):
-        run(model_dirs, out, "--prompt-suffix", "Put the answer in \\boxed{}.")
+    assert run(model_dirs, out, "--prompt-suffix", "Put the answer in \\boxed{}.") == 130  # interrupted
     first_two = out.read_text()
     assert len(first_two.splitlines()) == 2
     with out.open("a") as f:
@@ -733,7 +732,9 @@ BAD_INPUTS = {
                       "id '7' appears twice"),
     "empty data file": (lambda d: ["--data", _write(d / "empty.jsonl", "\n")], "no problems"),
     "unknown method": (lambda d: ["--method", "greedy,beam"], "unknown method 'beam'"),
-    "unloadable model": (lambda d: ["--model", str(d / "no-such-model")], "must be downloaded first"),
+    "unloadable model": (lambda d: ["--model", str(d / "no-such-model")], "there is no such folder (download"),
+    "unopenable lock file": (lambda d: (d / ".o.jsonl.lock").mkdir() or ["--output", str(d / "o.jsonl")],
+                             "o.jsonl: cannot open its lock file"),
     "shard out of range": (lambda d: ["--shard", "3/3"], "--shard 3/3: out of range"),
     "shard of zero": (lambda d: ["--shard", "0/0"], "out of range"),
     "shard not I/N": (lambda d: ["--shard", "first"], "expected I/N"),
@@ -787,6 +788,64 @@ def test_model_without_chat_template_is_refused(tok, lm, tmp_path, capsys):
     assert em.main(["--method", "greedy", "--model", str(tmp_path / "plain"), "--data", str(PROBLEMS),
                     "--limit", "1", "--output", str(tmp_path / "out.jsonl")]) == 2
     assert "chat template" in capsys.readouterr().err
+
+
+def test_a_reward_model_without_chat_template_is_named_as_such(tok, rm, model_dirs, tmp_path, capsys):
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    rm.save_pretrained(tmp_path / "plain_rm")
+    plain.save_pretrained(tmp_path / "plain_rm")
+    assert em.main(["--method", "bon", "--model", model_dirs[0], "--reward-model", str(tmp_path / "plain_rm"),
+                    "--data", str(PROBLEMS), "--limit", "1", "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert f"error: reward model '{tmp_path / 'plain_rm'}': its tokenizer has no chat template" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused_not_filled_at_random(model_dirs, tmp_path, capsys):
+    lm_dir, rm_dir = model_dirs
+    for policy, reward_model, missing in ((rm_dir, rm_dir, "lm_head.weight"), (lm_dir, lm_dir, "score.weight")):
+        assert em.main(["--method", "bon", "--model", policy, "--reward-model", reward_model, "--data", str(PROBLEMS),
+                        "--limit", "1", "--output", str(tmp_path / "out.jsonl")]) == 2
+        assert f"lacks weights" in (err := capsys.readouterr().err) and missing in err
+    assert not (tmp_path / "out.jsonl.manifest.json").exists()
+
+
+def test_an_interrupted_run_says_how_to_resume_without_a_traceback(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(em, "evaluate", interrupted)
+    assert em.main(["--method", "greedy"]) == 130
+    assert capsys.readouterr().err == ("eval_math.py: interrupted; the results written so far are kept, the same "
+                                       "command resumes\n")
+
+
+def test_the_sample_count_passes_through_torchrun_as_N():
+    from torch.distributed.run import get_args_parser
+    launcher = get_args_parser().parse_args(["--nproc-per-node", "2", "eval_math.py", "--N", "4"])
+    assert em.build_parser().parse_args(launcher.training_script_args).n == 4
+    with pytest.raises(SystemExit):  # what --n meets there
+        get_args_parser().parse_args(["--nproc-per-node", "2", "eval_math.py", "--n", "4"])
+
+
+def test_settings_a_first_run_recorded_for_a_method_it_did_not_run_say_how_to_change_them(model_dirs, tmp_path,
+                                                                                            capsys):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, methods="greedy", limit=1) == 0  # records sc's settings with n = 2 too
+    assert run(model_dirs, out, "--n", "3", methods="sc", limit=1) == 2
+    assert "holds the sc settings of the first run on this output, which ran no sc (n: 2 there, 3 now)" in \
+           capsys.readouterr().err
+    (tmp_path / "out.jsonl.manifest.json").unlink()  # as the message says
+    assert run(model_dirs, out, "--n", "3", methods="sc", limit=1) == 0
+    assert {r["method"]: r["settings"].get("n") for r in read_jsonl(out)} == {"greedy": None, "sc": 3}
+    assert json.loads((tmp_path / "out.jsonl.manifest.json").read_text())["ran"] == ["greedy", "sc"]
+    assert run(model_dirs, out, "--max-new-tokens", "5", methods="greedy", limit=1) == 2  # still checked
+
+
+def test_a_model_folder_written_another_way_is_the_same_setting(model_dirs, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(model_dirs, out, limit=1) == 0
+    assert run((model_dirs[0] + "/", "./" + os.path.relpath(model_dirs[1])), out, limit=2) == 0
+    assert {r["settings"]["model"] for r in read_jsonl(out)} == {model_dirs[0]}
 
 
 def test_hub_data_unavailable_says_to_pass_data(monkeypatch, tmp_path, capsys):
@@ -986,13 +1045,13 @@ def test_models_load_straight_onto_the_gpu_when_accelerate_is_installed(model_di
     monkeypatch.setattr(em, "_load", spy)
     monkeypatch.setitem(sys.modules, "accelerate", types.ModuleType("accelerate"))
     model = em._load_model(em.AutoModelForCausalLM, model_dirs[0], torch.device("cpu"), torch.bfloat16)
-    assert loaded[-1] == {"dtype": torch.bfloat16} and model.dtype == torch.bfloat16
+    assert loaded[-1] == {"dtype": torch.bfloat16, "output_loading_info": True} and model.dtype == torch.bfloat16
     assert not any(p.requires_grad for p in model.parameters())
     # on a GPU the weights are placed at load (device_map), not copied there afterwards
     device = torch.device("cuda", 1)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
     em._load_model(em.AutoModelForCausalLM, model_dirs[0], device, torch.bfloat16)
-    assert loaded[-1] == {"dtype": torch.bfloat16, "device_map": "cuda:1"}
+    assert loaded[-1] == {"dtype": torch.bfloat16, "output_loading_info": True, "device_map": "cuda:1"}
 
 
 def test_merged_summary_covers_this_runs_problems_and_the_file_keeps_every_result(model_dirs, tmp_path):
