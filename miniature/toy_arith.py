@@ -164,6 +164,15 @@ def ratio_se(num: list[float], den: list[float]) -> tuple[float, float]:
     return r, math.sqrt(sum((a - r * b) ** 2 for a, b in zip(num, den))) / total
 
 
+def paired_ratio_difference(a: tuple[list, list], b: tuple[list, list]) -> tuple[float, float]:
+    """Σnum/Σden of a minus that of b, both over the same problems, with the paired delta-method standard error."""
+    if not sum(a[1]) or not sum(b[1]):
+        return float("nan"), float("nan")
+    (ra, _), (rb, _) = ratio_se(*a), ratio_se(*b)
+    terms = [(x - ra * y) / sum(a[1]) - (u - rb * v) / sum(b[1]) for x, y, u, v in zip(*a, *b)]
+    return ra - rb, math.sqrt(sum(t * t for t in terms))
+
+
 def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int, entropy_threshold: float = 0.25,
                big_lr: float = 1.0) -> dict:
     """What DTO does at single tokens of test drafts, against two controls, and what skipping saves.
@@ -214,15 +223,17 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
                      likelihood_only=mean_se(col("likelihood_only")),
                      sharpened=mean_se(col("sharpened"))),
         dto_minus_sharpened=mean_se(a - b for a, b in zip(col("dto"), col("sharpened"))),
+        dto_minus_before=mean_se(a - b for a, b in zip(col("dto"), col("before"))),
         dto_minus_likelihood_only=mean_se(a - b for a, b in zip(col("dto"), col("likelihood_only"))),
         big_lr=big_lr, p_right_big_lr=mean_se(col("big")), p_right_big_lr_sharpened=mean_se(col("big_sharpened")),
         big_lr_minus_sharpened=mean_se(a - b for a, b in zip(col("big"), col("big_sharpened"))),
         gradient_prefers_right=mean_se(col("gradient_prefers_right")),
         reward_prefers_swap=mean_se(col("reward_prefers_swap")),
         mistake_reachable=mean_se(col("reachable")),
-        where_argmax_wrong=dict(sites=sum(not r["argmax_right"] for r in rows),
-                                dto_minus_sharpened=mean_se(r["dto"] - r["sharpened"] for r in rows
-                                                            if not r["argmax_right"])),
+        **{f"where_argmax_{k}": dict(sites=sum(r["argmax_right"] == right for r in rows),
+                                     dto_minus_sharpened=mean_se(r["dto"] - r["sharpened"] for r in rows
+                                                                 if r["argmax_right"] == right))
+           for k, right in (("wrong", False), ("right", True))},
         skipped_confident=share(confident), skipped_flat_gradient=share(flat),
         skipped_low_entropy=share(tokens["entropy"] < entropy_threshold), entropy_threshold=entropy_threshold,
         skipped_confident_or_flat=share(confident | flat),
@@ -236,12 +247,13 @@ def dto_claims(lm, rm, tok, problems: list[Problem], cfg: NablaConfig, seed: int
 
 def summary(label: str, method: str, n: int, rows: list[dict], seconds: float) -> dict:
     accuracy = mean_se(r["correct"] for r in rows)
-    rejection = ratio_se([r["proposed"] - r["accepted"] for r in rows], [r["proposed"] for r in rows])
+    rejected = ([r["proposed"] - r["accepted"] for r in rows], [r["proposed"] for r in rows])  # per problem
+    rejection = ratio_se(*rejected)
     result = dict(label=label, method=method, n=n, problems=len(rows), accuracy=accuracy,
                   model_calls=statistics.mean(r["calls"] for r in rows),
                   forward_tokens=statistics.mean(r["fte"] for r in rows),
                   revisions_proposed=statistics.mean(r["proposed"] for r in rows), rejection_rate=rejection,
-                  correct=[int(r["correct"]) for r in rows], seconds=round(seconds, 1))
+                  correct=[int(r["correct"]) for r in rows], rejected=rejected, seconds=round(seconds, 1))
     print(f"  {label:<40} N={n}  accuracy {accuracy[0]:6.1%} ± {accuracy[1]:.1%}"
           f"  model calls {result['model_calls']:6.1f}"
           f"  forward-token-equivalents {result['forward_tokens']:7.0f}  ({seconds:.0f}s)", flush=True)
@@ -356,19 +368,27 @@ def claim_rows(res: dict, d: dict) -> list[dict]:
     r0, r1 = res["no_dto"]["rejection_rate"], nab["rejection_rate"]
     row("Table 2: DTO lowers the rejection rate of revisions",
         f"rejection without DTO {r0[0]:.1%} -> with DTO {r1[0]:.1%} (same thresholds, N={top})",
-        r0[0] - r1[0], math.hypot(r0[1], r1[1]))
+        *paired_ratio_difference(res["no_dto"]["rejected"], nab["rejected"]))
     if "nabla_big_lr" in res:
         r2 = res["nabla_big_lr"]["rejection_rate"]
         row("... the same with DTO at lr 1 (not tuned), where DTO moves the logits",
             f"rejection without DTO {r0[0]:.1%} -> with DTO at lr 1 {r2[0]:.1%}",
-            r0[0] - r2[0], math.hypot(r0[1], r2[1]))
+            *paired_ratio_difference(res["no_dto"]["rejected"], res["nabla_big_lr"]["rejected"]))
+    row("DTO makes ∇-Reasoner more accurate than redrawing from the LLM's logits",
+        f"N={top}: {nab['accuracy'][0]:.1%} with DTO vs {res['no_dto']['accuracy'][0]:.1%} without",
+        *paired(nab, res["no_dto"]))
     p = d["p_right"]
-    row("DTO moves p(right token) more than sharpening by the same KL",
+    row("DTO raises p(right token) at the first wrong token",
         f"first wrong token of {d['wrong_drafts']} wrong test drafts: p(right) {p['before'][0]:.3f} -> DTO "
-        f"{p['dto'][0]:.3f}, sharpened {p['sharpened'][0]:.3f}", *d["dto_minus_sharpened"], fmt="+.4f")
-    w = d["where_argmax_wrong"]
-    row("... at those where the LLM's argmax is wrong (sharpening cannot win there)",
-        f"{w['sites']} of the {d['wrong_drafts']} first wrong tokens", *w["dto_minus_sharpened"], fmt="+.4f")
+        f"{p['dto'][0]:.3f} (sharpening by the same KL: {p['sharpened'][0]:.3f})", *d["dto_minus_before"],
+        fmt="+.4f")
+    row("DTO moves p(right token) more than sharpening by the same KL", "the same tokens",
+        *d["dto_minus_sharpened"], fmt="+.4f")
+    for key, where in (("where_argmax_wrong", "wrong (sharpening cannot win there)"),
+                       ("where_argmax_right", "right (sharpening cannot lose there)")):
+        w = d[key]
+        row(f"... at those where the LLM's argmax is {where}",
+            f"{w['sites']} of the {d['wrong_drafts']} first wrong tokens", *w["dto_minus_sharpened"], fmt="+.4f")
     row("DTO moves p(right token) more than a likelihood-only DTO (λ = 0)",
         f"likelihood-only {p['likelihood_only'][0]:.3f}", *d["dto_minus_likelihood_only"], fmt="+.4f")
     row(f"... the same at lr {d['big_lr']:g} (not tuned), where DTO moves the logits",
@@ -556,8 +576,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"policy: {meta['policy']['steps']} steps, validation greedy accuracy "
               f"{meta['policy']['log'][-1]['val_greedy']:.1%}\nreward model on {len(val)} validation problems: "
               f"gold above a one-step corruption {quality['gold_vs_corrupted']} (target 0.95); a right above a wrong "
-              f"sample of the same problem {quality['right_vs_wrong']} (target 0.90); top-scored of 8 samples right "
-              f"when some is {quality['top_is_right']}")
+              f"sample of the same problem {quality['right_vs_wrong']} ± {quality['right_vs_wrong_se']} (target "
+              f"0.90); top-scored of 8 samples right when some is {quality['top_is_right']}")
 
         # The paper's settings but the length limit: chains here have at most 37 characters (the untrained
         # models of --quick babble until the limit, so there it is shorter).

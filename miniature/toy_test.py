@@ -1,6 +1,10 @@
 """Tests of the miniature: the task, the reward model's labels, the controls, and the whole pipeline in seconds."""
+import json
+import math
 import random
+import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -99,3 +103,21 @@ def test_committed_models_load_and_verify():
     assert 0.45 <= greedy_accuracy(lm, tok, val[:100]) <= 0.65  # imperfect, with room for test-time scaling
     quality = reward_quality(rm, tok, lm, val[:100], 0)
     assert quality["gold_vs_corrupted"] >= 0.9 and quality["right_vs_wrong"] >= 0.7 and quality["top_is_right"] >= 0.8
+
+
+def test_models_trained_holding_out_fewer_problems_than_asked_are_refused(tmp_path):
+    """--problems past those the models were trained without would be training problems: not loaded."""
+    from train import TrainSettings, load_or_train
+    s = TrainSettings()
+    (tmp_path / "meta.json").write_text(json.dumps(dict(seed=0, settings=asdict(s), held_out=2)))
+    with pytest.raises(SystemExit, match="trained with 2 problems held out, fewer than the 3 asked for"):
+        load_or_train(tmp_path, s, 0, [], {"1+1=", "2+2=", "3+3="}, retrain=False)
+
+
+def test_a_paired_difference_of_rates_is_the_paired_mean_difference_when_every_denominator_is_one():
+    from toy_arith import paired_ratio_difference
+    a, b = [1, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1]
+    diff, se = paired_ratio_difference((a, [1] * 6), (b, [1] * 6))
+    d = [x - y for x, y in zip(a, b)]
+    assert diff == pytest.approx(sum(d) / 6) and se == pytest.approx(statistics.pstdev(d) / math.sqrt(6))
+    assert paired_ratio_difference((a, [1] * 6), (a, [1] * 6)) == (0.0, 0.0)

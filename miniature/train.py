@@ -235,7 +235,8 @@ def reward_quality(rm, tok, lm, problems: list[Problem], seed: int, samples: int
 
     gold_vs_corrupted: the gold chain scored above a one-step corruption (3 per problem);
     right_vs_wrong: a right policy sample scored above a wrong one of the same problem (every such pair
-    among `samples` samples at temperature 0.6; a tie counts half);
+    among `samples` samples at temperature 0.6; a tie counts half), with its standard error over problems
+    (the pairs of a problem are not independent: they share its samples);
     top_is_right: among problems where some sample is right, how often the top-scored sample is.
     """
     rng = random.Random(f"pairs {seed}")
@@ -244,20 +245,23 @@ def reward_quality(rm, tok, lm, problems: list[Problem], seed: int, samples: int
     texts = sample(lm, tok, [p.prompt for p in problems], 0.6, n=samples, seed=seed + 1)
     rewards = rm_scores(rm, tok, [(p.prompt, t, t) for p, t in zip(
         [p for p in problems for _ in range(samples)], texts)])[0].view(len(problems), samples)
-    wins, pairs, top, some = 0.0, 0, 0, 0
+    wins, pairs, top, some = [], [], 0, 0  # wins and pairs per problem
     for i, p in enumerate(problems):
         right = torch.tensor([boxed(t) == p.answer for t in texts[i * samples:(i + 1) * samples]])
         r = rewards[i]
         if right.any():
             some += 1
             top += bool(right[r.argmax()])
-        for a in r[right]:
-            for b in r[~right]:
-                wins, pairs = wins + (a > b).item() + 0.5 * (a == b).item(), pairs + 1
+        wins.append(sum((a > b).item() + 0.5 * (a == b).item() for a in r[right] for b in r[~right]))
+        pairs.append(int(right.sum()) * int((~right).sum()))
     rate = lambda k, n: round(k / n, 4) if n else None
+    ratio = sum(wins) / max(sum(pairs), 1)  # delta-method standard error of a ratio, problems the units
+    se = math.sqrt(sum((w - ratio * n) ** 2 for w, n in zip(wins, pairs))) / max(sum(pairs), 1)
     return dict(gold_vs_corrupted=rate((good > bad).sum().item() + 0.5 * (good == bad).sum().item(), len(corrupted)),
-                right_vs_wrong=rate(wins, pairs), top_is_right=rate(top, some),
-                pairs=dict(corrupted=len(corrupted), right_vs_wrong=pairs, problems_with_a_right_sample=some))
+                right_vs_wrong=rate(sum(wins), sum(pairs)), right_vs_wrong_se=round(se, 4),
+                top_is_right=rate(top, some), pairs=dict(corrupted=len(corrupted), right_vs_wrong=sum(pairs),
+                                                         problems_with_both=sum(n > 0 for n in pairs),
+                                                         problems_with_a_right_sample=some))
 
 
 def load_or_train(folder: Path, s: TrainSettings, seed: int, val: list[Problem], held_out: set[str],
@@ -268,6 +272,9 @@ def load_or_train(folder: Path, s: TrainSettings, seed: int, val: list[Problem],
     if not retrain and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in wanted} == wanted:
+            if meta.get("held_out", 0) < len(held_out):  # the problems past those would be training problems
+                raise SystemExit(f"{folder} holds models trained with {meta.get('held_out', 0)} problems held out, "
+                                 f"fewer than the {len(held_out)} asked for; --retrain trains them again")
             # Not AutoTokenizer: in transformers 5 it reads model_type from config.json and builds a
             # Qwen2Tokenizer, whose byte-level pre-tokenizer drops this vocabulary's spaces and newlines.
             tok = PreTrainedTokenizerFast.from_pretrained(folder / "policy")
@@ -280,7 +287,7 @@ def load_or_train(folder: Path, s: TrainSettings, seed: int, val: list[Problem],
     lm, policy_log = train_policy(tok, val, held_out, s, seed)
     print("training the reward model ...", flush=True)
     rm, reward_log = train_reward_model(lm, tok, held_out, s, seed)
-    meta = dict(wanted, policy=policy_log, reward=reward_log)
+    meta = dict(wanted, held_out=len(held_out), policy=policy_log, reward=reward_log)
     for model, name in ((lm, "policy"), (rm, "reward")):
         model.save_pretrained(folder / name)
         tok.save_pretrained(folder / name)
