@@ -579,7 +579,8 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
             if method not in ran and not any(r["method"] == method for r in records):  # nobody ran it with them
                 raise InputError(f"{path} holds the {method} settings of the first run on this output, which ran no "
                                  f"{method} ({c[0]}: {c[1]!r} there, {c[2]!r} now); to run {method} with the options "
-                                 f"now given, delete it (it is written again from the results), or pick another --output")
+                                 f"now given, delete it (it is written again from the results) or pick another "
+                                 f"--output")
             raise InputError(f"{reference[method][1]} was written by a run with other settings ({c[0]}: "
                              f"{c[1]!r} in the file, {c[2]!r} now); pick another --output or use the same options")
         if not write or any(where == path for _, where in reference.values()):
