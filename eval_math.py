@@ -639,6 +639,11 @@ def merge(output: Path, ranks: list[Path], config: dict | None = None, ids: set 
         reference, records = settings_on_record(output, [output, *ranks], "nothing was merged")
         combined = sorted(best_records(records).values(), key=lambda r: (r.get("index", 0), METHODS.index(r["method"])))
         write_records(output, combined)
+    for method in METHODS:  # problems are run from the top of the data file: a gap is a shard that has not run
+        seen = {r.get("index", 0) for r in combined if r["method"] == method}
+        if seen and (gap := max(seen) + 1 - len(seen)):
+            tqdm.write(f"{output}: {gap} of the first {max(seen) + 1} problems have no {method} result (a shard that "
+                       f"has not run?)", file=sys.stderr)
     config = {**(config or {}), "shard": None, "merged_from": [str(p) for p in ranks]}
     return write_summary(output, [r for r in combined if ids is None or r["id"] in ids], config,
                          {m: found for m, (found, _) in reference.items()})

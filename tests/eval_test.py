@@ -679,6 +679,16 @@ def test_the_merge_command_a_shard_suggests_works_for_any_output_name(model_dirs
     assert em.main(suggested) == 0 and read_jsonl(out) == merged
 
 
+def test_a_merge_of_shards_one_of_which_has_not_run_says_so(model_dirs, tmp_path, capsys):
+    out = tmp_path / "math500.jsonl"
+    assert run(model_dirs, out, "--shard", "0/2", limit=4) == 0
+    capsys.readouterr()
+    assert em.main(["--merge", str(tmp_path)]) == 0
+    assert "1 of the first 3 problems have no greedy result (a shard that has not run?)" in capsys.readouterr().err
+    assert run(model_dirs, out, "--shard", "1/2", limit=4) == 0  # the last shard: merges all, and says nothing
+    assert "have no" not in capsys.readouterr().err and len(read_jsonl(out)) == 4
+
+
 def test_merge_orders_by_problem_then_method_and_its_config_names_the_methods_merged(model_dirs, tmp_path):
     out = tmp_path / "math500.jsonl"
     for shard in ("0/2", "1/2"):
