@@ -531,15 +531,19 @@ def conflict(found: dict, expected: dict) -> tuple | None:
     return None if key is None else (key, found.get(key), expected.get(key))
 
 
-def read_manifest(path: Path) -> dict | None:
-    """Every method's settings, as the manifest holds them; None if there is no manifest."""
+def read_manifest(path: Path) -> tuple[dict, list[str]] | None:
+    """Every method's settings, as the manifest holds them, and the methods its writer ran (all, in a manifest
+    from before it said); None if there is no manifest."""
     if (text := read_text(path)) is None:
         return None
     try:
-        settings = json.loads(text)["settings"]
+        manifest = json.loads(text)
+        settings, ran = manifest["settings"], manifest.get("ran", list(METHODS))
         if not all(isinstance(settings.get(m), dict) for m in METHODS):
             raise ValueError(f"no settings for each of {', '.join(METHODS)}")
-        return settings
+        if not (isinstance(ran, list) and set(ran) <= set(METHODS)):
+            raise ValueError("'ran' is not a list of methods")
+        return settings, ran
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON is a ValueError
         raise InputError(f"{path}: not a settings manifest of this script ({first_line(e)}); delete it and it is "
                          f"written again from the results' own records") from None
@@ -550,7 +554,7 @@ def settings_on_record(output: Path, files: list[Path], refusal: str) -> tuple[d
     from before manifests, the method's first record in `files`), and the records of `files`, each checked
     against those settings: a record of other settings is a one-line error that ends with `refusal`."""
     manifest = beside(output, "manifest")
-    reference = {method: (found, manifest) for method, found in (read_manifest(manifest) or {}).items()}
+    reference = {method: (found, manifest) for method, found in (read_manifest(manifest) or ({}, []))[0].items()}
     records = []
     for path in files:
         for record in read_records(path)[0]:
@@ -575,7 +579,7 @@ def agree_on_settings(output: Path, settings: dict, methods: list[str], write: b
         for method in [m for m in methods if m in reference]:
             if not (c := conflict(reference[method][0], settings[method])):
                 continue
-            ran = json.loads(read_text(path)).get("ran", METHODS) if reference[method][1] == path else METHODS
+            ran = (read_manifest(path) or ({}, METHODS))[1] if reference[method][1] == path else METHODS
             if method not in ran and not any(r["method"] == method for r in records):  # nobody ran it with them
                 raise InputError(f"{path} holds the {method} settings of the first run on this output, which ran no "
                                  f"{method} ({c[0]}: {c[1]!r} there, {c[2]!r} now); to run {method} with the options "
@@ -711,7 +715,7 @@ def evaluate(args) -> int:
                   "batch_size": args.batch_size}
     ids = {p.id for p in mine}
     write_summary(path, [r for r in best_records(read_records(path)[0]).values() if r["id"] in ids], run_config,
-                  read_manifest(beside(output, "manifest")))
+                  read_manifest(beside(output, "manifest"))[0])
     if shards > 1:  # the shard that finishes last writes the combined results
         everything = {(p.id, m) for p in problems for m in methods}
         if everything <= {k for rank in ranks for k in best_records(read_records(rank)[0])}:

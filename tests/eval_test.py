@@ -546,12 +546,19 @@ def test_a_field_only_one_side_has_is_a_conflict():
     assert em.conflict({"a": 1, "c": 3}, {"a": 1}) == ("c", 3, None)
 
 
-@pytest.mark.parametrize("text", ['{"settings": {"greedy": {}}}', '{"settings": ["greedy"]}', '{"settings": 5}'])
-def test_a_manifest_without_every_methods_settings_is_refused(tmp_path, text):
+EVERY_METHOD = json.dumps({m: {} for m in em.METHODS})
+
+
+@pytest.mark.parametrize("text", ['{"settings": {"greedy": {}}}', '{"settings": ["greedy"]}', '{"settings": 5}',
+                                  f'{{"settings": {EVERY_METHOD}, "ran": "greedy"}}',
+                                  f'{{"settings": {EVERY_METHOD}, "ran": ["beam"]}}'])
+def test_a_manifest_without_every_methods_settings_or_with_bad_methods_run_is_refused(tmp_path, text):
     path = tmp_path / "out.jsonl.manifest.json"
     path.write_text(text)
     with pytest.raises(em.InputError, match="not a settings manifest"):
         em.read_manifest(path)
+    path.write_text(f'{{"settings": {EVERY_METHOD}}}')  # from before manifests named the methods run: all ran
+    assert em.read_manifest(path) == ({m: {} for m in em.METHODS}, list(em.METHODS))
 
 
 def test_a_new_manifest_keeps_an_old_outputs_settings_for_methods_not_run_now(tmp_path):
