@@ -46,7 +46,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 from nabla import (NablaConfig, Prefix, ahead_loss_and_grads, align_vocab, chat_prompt_ids, dto, eos_token_ids,
                    onehot_grads, reward_ids, reward_template, score, token_entropy)
 from task import Problem, held_out_problems, ids_of, sample
-from train import QUICK, TrainSettings, load_or_train, reward_quality
+from train import QUICK, TrainSettings, load_or_train, ratio_se, reward_quality
 
 # ----------------------------------------------------------------------------------------------
 # DTO at a single token: settings chosen on validation drafts, claims checked on test drafts
@@ -155,21 +155,13 @@ def mean_se(values) -> tuple[float, float]:
     return statistics.mean(values), se
 
 
-def ratio_se(num: list[float], den: list[float]) -> tuple[float, float]:
-    """Σnum/Σden over problems, with the delta-method standard error (problems are the independent units)."""
-    total = sum(den)
-    if not total:
-        return float("nan"), float("nan")
-    r = sum(num) / total
-    return r, math.sqrt(sum((a - r * b) ** 2 for a, b in zip(num, den))) / total
-
-
 def paired_ratio_difference(a: tuple[list, list], b: tuple[list, list]) -> tuple[float, float]:
     """Σnum/Σden of a minus that of b, both over the same problems, with the paired delta-method standard error."""
-    if not sum(a[1]) or not sum(b[1]):
+    ta, tb = sum(a[1]), sum(b[1])
+    if not ta or not tb:
         return float("nan"), float("nan")
-    (ra, _), (rb, _) = ratio_se(*a), ratio_se(*b)
-    terms = [(x - ra * y) / sum(a[1]) - (u - rb * v) / sum(b[1]) for x, y, u, v in zip(*a, *b)]
+    ra, rb = sum(a[0]) / ta, sum(b[0]) / tb
+    terms = [(x - ra * y) / ta - (u - rb * v) / tb for x, y, u, v in zip(*a, *b)]
     return ra - rb, math.sqrt(sum(t * t for t in terms))
 
 

@@ -12,8 +12,8 @@ import torch
 
 from nabla import NablaConfig
 from task import Problem, corrupt, held_out_problems, make_tokenizer, random_problem, worked_steps
-from toy_arith import kl, main, mean_se, ratio_se, redraw_probs, sharpened, verdict
-from train import rm_example, step_labels
+from toy_arith import kl, main, mean_se, redraw_probs, sharpened, verdict
+from train import ratio_se, rm_example, step_labels
 
 
 def test_task_chains_are_right_and_corruptions_are_wrong():

@@ -229,6 +229,15 @@ def train_reward_model(lm, tok, held_out: set[str], s: TrainSettings, seed: int)
 # How well it verifies, and the models saved and loaded
 
 
+def ratio_se(num: list[float], den: list[float]) -> tuple[float, float]:
+    """Σnum/Σden over problems, with the delta-method standard error (problems are the independent units)."""
+    total = sum(den)
+    if not total:
+        return float("nan"), float("nan")
+    r = sum(num) / total
+    return r, math.sqrt(sum((a - r * b) ** 2 for a, b in zip(num, den))) / total
+
+
 @torch.no_grad()
 def reward_quality(rm, tok, lm, problems: list[Problem], seed: int, samples: int = 8) -> dict:
     """The reward model on held-out problems, the three numbers the method rests on.
@@ -255,10 +264,8 @@ def reward_quality(rm, tok, lm, problems: list[Problem], seed: int, samples: int
         wins.append(sum((a > b).item() + 0.5 * (a == b).item() for a in r[right] for b in r[~right]))
         pairs.append(int(right.sum()) * int((~right).sum()))
     rate = lambda k, n: round(k / n, 4) if n else None
-    ratio = sum(wins) / max(sum(pairs), 1)  # delta-method standard error of a ratio, problems the units
-    se = math.sqrt(sum((w - ratio * n) ** 2 for w, n in zip(wins, pairs))) / max(sum(pairs), 1)
     return dict(gold_vs_corrupted=rate((good > bad).sum().item() + 0.5 * (good == bad).sum().item(), len(corrupted)),
-                right_vs_wrong=rate(sum(wins), sum(pairs)), right_vs_wrong_se=round(se, 4),
+                right_vs_wrong=rate(sum(wins), sum(pairs)), right_vs_wrong_se=round(ratio_se(wins, pairs)[1], 4),
                 top_is_right=rate(top, some), pairs=dict(corrupted=len(corrupted), right_vs_wrong=sum(pairs),
                                                          problems_with_both=sum(n > 0 for n in pairs),
                                                          problems_with_a_right_sample=some))
