@@ -797,24 +797,17 @@ def test_shard_out_of_range_from_the_environment(model_dirs, tmp_path, monkeypat
     assert "RANK/WORLD_SIZE 4/2: out of range" in capsys.readouterr().err
 
 
-def test_model_without_chat_template_is_refused(tok, lm, tmp_path, capsys):
-    plain = copy.deepcopy(tok)
+@pytest.mark.parametrize("role", ["policy", "reward model"])
+def test_a_model_without_chat_template_is_refused_and_named_by_its_role(role, tok, lm, rm, model_dirs, tmp_path,
+                                                                       capsys):
+    plain, folder = copy.deepcopy(tok), tmp_path / "plain"
     plain.chat_template = None
-    lm.save_pretrained(tmp_path / "plain")
-    plain.save_pretrained(tmp_path / "plain")
-    assert em.main(["--method", "greedy", "--model", str(tmp_path / "plain"), "--data", str(PROBLEMS),
+    (lm if role == "policy" else rm).save_pretrained(folder)
+    plain.save_pretrained(folder)
+    lm_dir, rm_dir = (folder, model_dirs[1]) if role == "policy" else (model_dirs[0], folder)
+    assert em.main(["--method", "bon", "--model", str(lm_dir), "--reward-model", str(rm_dir), "--data", str(PROBLEMS),
                     "--limit", "1", "--output", str(tmp_path / "out.jsonl")]) == 2
-    assert "chat template" in capsys.readouterr().err
-
-
-def test_a_reward_model_without_chat_template_is_named_as_such(tok, rm, model_dirs, tmp_path, capsys):
-    plain = copy.deepcopy(tok)
-    plain.chat_template = None
-    rm.save_pretrained(tmp_path / "plain_rm")
-    plain.save_pretrained(tmp_path / "plain_rm")
-    assert em.main(["--method", "bon", "--model", model_dirs[0], "--reward-model", str(tmp_path / "plain_rm"),
-                    "--data", str(PROBLEMS), "--limit", "1", "--output", str(tmp_path / "out.jsonl")]) == 2
-    assert f"error: reward model '{tmp_path / 'plain_rm'}': its tokenizer has no chat template" in capsys.readouterr().err
+    assert f"error: {role} '{folder}': its tokenizer has no chat template" in capsys.readouterr().err
 
 
 def test_a_checkpoint_of_the_other_kind_is_refused_not_filled_at_random(model_dirs, tmp_path, capsys):
@@ -1360,7 +1353,8 @@ def test_summary_peak_includes_failed_problems_and_stat_means_only_finished_ones
 
 def test_summary_means_keep_three_decimals(tmp_path):
     records = [_row(i, calls=c) for i, c in enumerate((1, 2, 2))]
-    assert em.write_summary(tmp_path / "out.jsonl", records, {}, ON_RECORD)["methods"]["nabla"]["mean_model_calls"] == 1.667
+    summary = em.write_summary(tmp_path / "out.jsonl", records, {}, ON_RECORD)
+    assert summary["methods"]["nabla"]["mean_model_calls"] == 1.667
 
 
 # ---------------------------------------------------------------------------------------------- records
